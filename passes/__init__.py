@@ -1,0 +1,1 @@
+"""ocomp passes: one module a pass; importing this package registers them all."""

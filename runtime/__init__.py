@@ -1,0 +1,1 @@
+"""ocomp runtime."""
