@@ -1,1 +1,3 @@
 """ocomp passes: one module a pass; importing this package registers them all."""
+
+from . import ternary  # noqa: F401

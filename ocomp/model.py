@@ -1,0 +1,286 @@
+"""Loading, validating and saving ONNX models.
+
+Everything that touches model files lives here: parsing with clear errors,
+external data (refused when it points outside the model's folder), input-shape
+checks, conversion to and from onnx-graphsurgeon graphs, provenance metadata and
+atomic writes. The input file is only ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper, numpy_helper
+
+from . import __version__
+from .errors import OcompError
+
+CUSTOM_DOMAIN = "ocomp"
+CUSTOM_OPSET_VERSION = 1
+MIN_OPSET = 7
+_STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def load_model(path: str | os.PathLike, input_shapes: Mapping[str, Sequence[int]] | None = None,
+               require_static: bool = True) -> onnx.ModelProto:
+    """Read, check and shape-infer a model file; raise OcompError with one clear line on bad input.
+
+    `input_shapes` fixes unknown input dimensions (name -> full shape). With
+    `require_static`, every input dimension but the first (the batch) must be known.
+    """
+    model = _parse(Path(path))
+    _load_external_data(model, Path(path))
+    if input_shapes:
+        set_input_shapes(model, input_shapes)
+    check_model(model, str(path))
+    if require_static:
+        _check_input_dims(model, str(path))
+    return infer_shapes(model, str(path))
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise OcompError(f"{path}: no such file")
+    if not path.is_file():
+        raise OcompError(f"{path}: not a file")
+    data = path.read_bytes()
+    if not data:
+        raise OcompError(f"{path}: empty file")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OcompError(f"{path}: not an ONNX model (protobuf parse failed: {reason})") from None
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        raise OcompError(f"{path}: not an ONNX model (no ir_version, graph or opset_import)")
+    if not model.graph.output:
+        raise OcompError(f"{path}: not a usable ONNX model (the graph has no outputs)")
+    return model
+
+
+def _external_tensors(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
+    return (t for t in external_data_helper._get_all_tensors(model)
+            if t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL)
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    base = path.resolve().parent
+    tensors = list(_external_tensors(model))
+    for tensor in tensors:
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        rel = Path(location)
+        if not location or rel.is_absolute() or ".." in rel.parts:
+            raise OcompError(f"{path}: tensor '{tensor.name}' has external data at '{location}', "
+                             "outside the model's folder; refused")
+        target = (base / rel).resolve()
+        if base not in target.parents:
+            raise OcompError(f"{path}: tensor '{tensor.name}' has external data at '{location}', "
+                             "which resolves outside the model's folder; refused")
+        if not target.is_file():
+            raise OcompError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
+        needed = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if target.stat().st_size < needed:
+            raise OcompError(f"{path}: external data file '{location}' is too short for tensor '{tensor.name}'")
+    if tensors:
+        try:
+            external_data_helper.load_external_data_for_model(model, str(base))
+        except (OSError, ValueError) as exc:
+            raise OcompError(f"{path}: cannot read external data: {exc}") from None
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in _STANDARD_DOMAINS:
+            return imp.version
+    return 0
+
+
+def uses_custom_ops(model: onnx.ModelProto) -> bool:
+    return any(n.domain not in _STANDARD_DOMAINS for n in model.graph.node)
+
+
+def check_model(model: onnx.ModelProto, what: str = "model") -> None:
+    opset = default_opset(model)
+    if opset < MIN_OPSET:
+        raise OcompError(f"{what}: opset {opset} is older than {MIN_OPSET}, which ocomp does not support; "
+                         "convert it with onnx.version_converter first")
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), "invalid model")
+        raise OcompError(f"{what}: fails the ONNX checker: {first}") from None
+
+
+def infer_shapes(model: onnx.ModelProto, what: str = "model") -> onnx.ModelProto:
+    """Full shape inference (strict unless the model has custom-domain ops, whose shapes come from value_info)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=not uses_custom_ops(model),
+                                                 data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), "shape inference failed")
+        raise OcompError(f"{what}: shape inference failed: {first}") from None
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Real inputs (not initializers listed as inputs, as old exporters do)."""
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def input_dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
+    dims: list[int | str | None] = []
+    for d in value.type.tensor_type.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return dims
+
+
+def _check_input_dims(model: onnx.ModelProto, what: str) -> None:
+    for value in graph_inputs(model):
+        if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+            raise OcompError(f"{what}: input '{value.name}' has no shape; fix it with --input-shape")
+        for axis, dim in enumerate(input_dims(value)):
+            if axis > 0 and not isinstance(dim, int):
+                name = f"'{dim}'" if dim else "unknown"
+                raise OcompError(f"{what}: input '{value.name}' has a dynamic dimension {name} at axis {axis}; "
+                                 f"only the batch (axis 0) may be dynamic; fix it with "
+                                 f"--input-shape {value.name}=1,...")
+
+
+def set_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int | str]]) -> None:
+    """Overwrite input shapes; a string dimension (e.g. "N") stays symbolic."""
+    inputs = {v.name: v for v in graph_inputs(model)}
+    for name, shape in shapes.items():
+        if name not in inputs:
+            raise OcompError(f"--input-shape: the model has no input '{name}' (inputs: {', '.join(inputs)})")
+        dims = inputs[name].type.tensor_type.shape
+        dims.ClearField("dim")
+        for size in shape:
+            if isinstance(size, str):
+                dims.dim.add().dim_param = size
+            else:
+                dims.dim.add().dim_value = int(size)
+    del model.graph.value_info[:]
+
+
+def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathLike) -> None:
+    src, dst = Path(input_path), Path(output_path)
+    if dst.exists() and dst.is_dir():
+        raise OcompError(f"{dst}: output path is a directory")
+    if src.resolve() == dst.resolve() or (dst.exists() and src.exists() and os.path.samefile(src, dst)):
+        raise OcompError(f"{dst}: output path is the input path; the input is never overwritten")
+    if not dst.parent.resolve().is_dir():
+        raise OcompError(f"{dst}: output directory '{dst.parent}' does not exist")
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes to a temp file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    if model.ByteSize() >= 2**31 - 1:
+        raise OcompError(f"{path}: the model is over 2 GB; ocomp writes single-file models only")
+    atomic_write(path, model.SerializeToString())
+
+
+def add_provenance(model: onnx.ModelProto, passes: list[dict]) -> None:
+    """Record the ocomp version and the passes (with their options) in metadata_props."""
+    props = {p.key: p.value for p in model.metadata_props}
+    history = json.loads(props.get("ocomp.passes", "[]"))
+    history.extend(passes)
+    props["ocomp.version"] = __version__
+    props["ocomp.passes"] = json.dumps(history, sort_keys=True, default=str)
+    del model.metadata_props[:]
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+# ---------------------------------------------------------------- graphsurgeon
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import into onnx-graphsurgeon; Constant nodes become initializers so passes see one kind of constant."""
+    graph = gs.import_onnx(model)
+    for node in list(graph.nodes):
+        if node.op == "Constant" and node.domain in (None, *_STANDARD_DOMAINS) and "value" in node.attrs:
+            value = node.attrs["value"]
+            values = value.values if isinstance(value, gs.Constant) else np.asarray(value)
+            out = node.outputs[0]
+            const = gs.Constant(out.name, np.array(values))
+            for consumer in list(out.outputs):
+                consumer.inputs = [const if t is out else t for t in consumer.inputs]
+            if out in graph.outputs:
+                continue  # a constant graph output keeps its Constant node
+            node.outputs.clear()
+    graph.cleanup()
+    return graph
+
+
+def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export a graph, keeping the template's ir_version, opsets and metadata; shapes re-inferred.
+
+    value_info of standard-domain tensors is dropped and recomputed (passes change
+    shapes); value_info of custom-op outputs is kept, since ONNX cannot infer those.
+    """
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    custom_outputs = {o for n in model.graph.node if n.domain not in _STANDARD_DOMAINS for o in n.output}
+    kept = [v for v in model.graph.value_info if v.name in custom_outputs]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    model.ir_version = template.ir_version
+    opsets = {imp.domain: imp.version for imp in template.opset_import}
+    for node in model.graph.node:
+        if node.domain == CUSTOM_DOMAIN:
+            opsets.setdefault(CUSTOM_DOMAIN, CUSTOM_OPSET_VERSION)
+    del model.opset_import[:]
+    for domain, version in opsets.items():
+        model.opset_import.add(domain=domain, version=version)
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, field, getattr(template, field))
+    model.metadata_props.extend(template.metadata_props)
+    model.graph.name = template.graph.name
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - validation afterwards reports what is wrong
+        return model
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(tensor)
+
+
+def signature(model: onnx.ModelProto) -> list[tuple[str, str, int, tuple]]:
+    """(kind, name, elem_type, dims) of inputs and outputs: passes must keep it unchanged."""
+    rows = []
+    for kind, values in (("input", graph_inputs(model)), ("output", list(model.graph.output))):
+        for v in values:
+            rows.append((kind, v.name, v.type.tensor_type.elem_type, tuple(input_dims(v))))
+    return rows
