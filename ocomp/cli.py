@@ -119,9 +119,12 @@ def data_options(func: Callable) -> Callable:
     return func
 
 
-def make_data_options(kwargs: dict[str, Any]) -> Any:
+def make_data_options(kwargs: dict[str, Any], needed: bool = True) -> Any:
+    """DataOptions from the CLI flags (popped from kwargs); None when no data set is used."""
     keys = ("batch_size", "limit", "size", "crop", "mean", "std", "layout", "scale")
     values = {k: kwargs.pop(k) for k in keys}
+    if not needed:
+        return None
     from .data import DataOptions
 
     return DataOptions.from_cli(**values)
@@ -144,9 +147,10 @@ debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eage
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, "--version", prog_name="ocomp")
-@debug_option
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+def main(debug: bool) -> None:
     """ocomp: shrink trained ONNX CNNs (structured pruning, ternary weights, BN recalibration)."""
+    _DEBUG["on"] = debug  # set per invocation; a subcommand's own --debug may turn it on afterwards
 
 
 @main.command()
@@ -172,7 +176,7 @@ def compress(model: str, output: str, passes: str | None, recipe: str | None, ca
     from .report import render_report, render_summary
 
     options = collect_pass_options(kwargs)
-    data_opts = make_data_options(kwargs)
+    data_opts = make_data_options(kwargs, needed=calib is not None or eval_data is not None)
     if not passes and not recipe:
         raise UsageError(f"give --passes or --recipe; valid passes: {', '.join(sorted(registry()))}")
     result = api.compress(model, output, passes, options, calib=calib, recipe=recipe, report=report,
@@ -226,7 +230,7 @@ def compare(model_a: str, model_b: str, inputs: str | None, random_n: int | None
 
     if inputs is not None and random_n is not None:
         raise UsageError("give --inputs or --random, not both")
-    data_opts = make_data_options(kwargs) if inputs is not None else None
+    data_opts = make_data_options(kwargs, needed=inputs is not None)
     results, count = api.compare(model_a, model_b, inputs, random_n or 8, seed,
                                  api.parse_input_shapes(input_shape), data_opts)
     click.echo(json.dumps({"samples": count, "outputs": results}, indent=2) if as_json
