@@ -1,3 +1,4 @@
 """ocomp passes: one module a pass; importing this package registers them all."""
 
 from . import ternary  # noqa: F401
+from . import foldbn  # noqa: F401
