@@ -2,3 +2,4 @@
 
 from . import ternary  # noqa: F401
 from . import foldbn  # noqa: F401
+from . import prune  # noqa: F401

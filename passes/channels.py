@@ -1,0 +1,846 @@
+"""Channel-group (dependency) analysis: which channels of which tensors must be removed together.
+
+This module only *finds* what must change together; deciding what to remove is
+passes/prune.py's job (bnrecal reuses the analysis to map channels back).
+
+Vocabulary
+----------
+* An **atom** is the output-channel space of one producer: a Conv (group 1), a
+  Gemm or a MatMul with a constant weight. Producers whose outputs must keep the
+  same channel subset (residual Add/Sum, SE Mul, ...) have their atoms unified.
+* A **group** (`ChannelGroup`) is a set of unified atoms: one channel count,
+  one kept subset. Its `id` is the name of its first producer (topological order).
+* Every tensor whose channel axis is tracked has a **layout**: the axis and a
+  list of `Segment`s (Concat on the channel axis concatenates segments, Flatten
+  gives each channel a block of H*W consecutive features). A segment with
+  `atom=None` holds channels that never change (e.g. a graph input concatenated in).
+* `Consumer`s are the rewrite actions: which node must be sliced, how, and by the
+  kept indices of which tensor. The kept indices of a tensor follow from the
+  kept channels of the groups in its layout (`ChannelAnalysis.kept_indices`).
+* A group is **pinned** (left unchanged) when any node touching it is not
+  understood, when it reaches a graph output, when it meets a grouped Conv, ...;
+  `pinned_by` names the nodes and reasons.
+
+Understood: BatchNormalization, InstanceNormalization, element-wise unary ops
+(Relu, LeakyRelu, Clip, Sigmoid, HardSigmoid, HardSwish, Tanh, ...), Identity,
+Dropout, Cast, PRelu, Add/Sub/Mul/Div/Pow/Max/Min/Sum/Mean with scalar or
+per-channel constants or with other tracked tensors (residuals, SE), pooling,
+Pad/Slice/Resize not touching the channel axis, Reduce* over other axes,
+Softmax over another axis, Transpose, Squeeze/Unsqueeze, Concat, Flatten and
+Reshape (flatten-like or adding/removing unit dims) feeding Gemm/MatMul,
+depthwise Conv (pruned together with its input). Grouped Conv (1 < group,
+not depthwise) is left unchanged: whole-group pruning is not implemented.
+Constant sub-expressions (Reshape/Unsqueeze/Cast/... of constants, e.g.
+PaddlePaddle's reshaped biases) are evaluated and treated as constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+STANDARD_DOMAINS = (None, "", "ai.onnx")
+
+# Ops applied element-wise to one tensor (channel layout passes through).
+UNARY_OPS = frozenset({
+    "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Identity", "Dropout",
+    "Elu", "Selu", "Celu", "Softplus", "Softsign", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal",
+    "Floor", "Ceil", "Round", "Sign", "Erf", "Gelu", "Mish", "ThresholdedRelu", "Cast", "Sin", "Cos",
+})
+# Element-wise ops on several tensors (numpy broadcasting).
+BINARY_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu"})
+POOL_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
+REDUCE_OPS = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2",
+                        "ReduceProd", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp"})
+# Ops whose constant inputs are folded by `constant_value`.
+_FOLDABLE_CONST_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity", "Flatten"})
+
+# Consumer kinds (rewrite actions).
+CONV_OUT = "conv_out"        # Conv weight axis 0 and bias sliced by the output tensor's kept indices
+GEMM_OUT = "gemm_out"        # Gemm weight N axis and C sliced
+MATMUL_OUT = "matmul_out"    # MatMul weight axis 1 sliced
+CONV_IN = "conv_in"          # Conv weight axis 1 sliced by the input tensor's kept indices
+GEMM_IN = "gemm_in"          # Gemm weight K axis sliced
+MATMUL_IN = "matmul_in"      # MatMul weight axis 0 sliced
+DEPTHWISE = "depthwise"      # depthwise Conv: weight axis 0, bias, `group` attribute
+NORM = "norm"                # BatchNormalization / InstanceNormalization parameters
+CONST = "const"              # a per-channel constant operand of an element-wise op
+RESHAPE = "reshape"          # the constant target shape of a Reshape
+RESIZE = "resize"            # the constant `sizes` of a Resize
+EXIT_KINDS = (CONV_IN, GEMM_IN, MATMUL_IN)  # where channels are summed away (dead-channel folding happens here)
+PRODUCER_KINDS = (CONV_OUT, GEMM_OUT, MATMUL_OUT)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """`size` channels of `atom` (None: channels that never change), each `block` consecutive elements wide."""
+
+    atom: int | None
+    size: int
+    block: int = 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a tensor's channel axis is made of group channels."""
+
+    axis: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(s.size * s.block for s in self.segments)
+
+    def blocked(self) -> bool:
+        return any(s.block != 1 for s in self.segments)
+
+
+@dataclass
+class Consumer:
+    """A rewrite action: slice `node` (how: `kind`) by the kept indices of tensor `tensor`.
+
+    `index` is the node input concerned (the constant for CONST, the shape for
+    RESHAPE, the sizes for RESIZE) and `axis` the axis of that constant to slice.
+    """
+
+    node: gs.Node
+    kind: str
+    tensor: str
+    index: int = 0
+    axis: int = 0
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that must keep one subset.
+
+    id: stable name (its first producer node); size: channel count;
+    producers: Conv/Gemm/MatMul nodes whose output channels are the group;
+    members: (tensor name, axis) of every tensor carrying (some of) its channels;
+    consumers: the rewrite actions touching it (producers included, kinds in PRODUCER_KINDS);
+    pinned: None, or why the group must stay unchanged; pinned_by: (node, op, reason) of each pin.
+    """
+
+    id: str
+    size: int
+    producers: list[gs.Node] = field(default_factory=list)
+    members: list[tuple[str, int]] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+    pinned: str | None = None
+    pinned_by: list[tuple[str, str, str]] = field(default_factory=list)
+    root: int = -1  # internal: union-find root atom
+
+    @property
+    def prunable(self) -> bool:
+        return self.pinned is None
+
+
+@dataclass
+class ChannelAnalysis:
+    """The result of `analyze`: groups, tensor layouts and rewrite actions."""
+
+    groups: list[ChannelGroup]
+    layouts: dict[str, Layout]
+    actions: list[Consumer]
+    tensors: dict[str, gs.Tensor]
+    _find: Callable[[int], int]
+    _by_root: dict[int, ChannelGroup]
+
+    def group(self, group_id: str) -> ChannelGroup:
+        """The group with this id (KeyError if none)."""
+        by_id = self.__dict__.setdefault("_by_id", {g.id: g for g in self.groups})
+        return by_id[group_id]
+
+    def group_of_atom(self, atom: int) -> ChannelGroup:
+        return self._by_root[self._find(atom)]
+
+    def group_of_node(self, name: str) -> ChannelGroup | None:
+        """The group whose producers include node `name`, else None."""
+        for g in self.groups:
+            if any(p.name == name for p in g.producers):
+                return g
+        return None
+
+    def group_of_tensor(self, name: str) -> list[ChannelGroup]:
+        layout = self.layouts.get(name)
+        if layout is None:
+            return []
+        seen: dict[str, ChannelGroup] = {}
+        for s in layout.segments:
+            if s.atom is not None:
+                g = self.group_of_atom(s.atom)
+                seen.setdefault(g.id, g)
+        return list(seen.values())
+
+    def positions(self, tensor: str, group_id: str, channels: Iterable[int] | None = None) -> np.ndarray:
+        """Indices along `tensor`'s channel axis holding the given channels of group `group_id`, flattened."""
+        return self.position_matrix(tensor, group_id, channels).ravel()
+
+    def position_matrix(self, tensor: str, group_id: str, channels: Iterable[int] | None = None) -> np.ndarray:
+        """(channels, k) indices along `tensor`'s channel axis: row i holds every element of the i-th channel.
+
+        k is the block size (H*W after a Flatten) times the number of times the
+        group appears in the tensor (a Concat may hold it twice).
+        """
+        layout = self.layouts[tensor]
+        group = self.group(group_id)
+        chans = np.arange(group.size) if channels is None else np.asarray(list(channels), dtype=np.int64)
+        parts, offset = [], 0
+        for s in layout.segments:
+            if s.atom is not None and self._find(s.atom) == group.root:
+                parts.append(offset + chans[:, None] * s.block + np.arange(s.block))
+            offset += s.size * s.block
+        return np.concatenate(parts, axis=1) if parts else np.zeros((len(chans), 0), dtype=np.int64)
+
+    def kept_indices(self, tensor: str, kept: Mapping[str, np.ndarray]) -> np.ndarray | None:
+        """Kept indices along `tensor`'s channel axis given kept channels by group id; None if unchanged."""
+        layout = self.layouts.get(tensor)
+        if layout is None:
+            return None
+        parts, offset, changed = [], 0, False
+        for s in layout.segments:
+            idx = None
+            if s.atom is not None:
+                idx = kept.get(self.group_of_atom(s.atom).id)
+            if idx is None or len(idx) == s.size:
+                idx = np.arange(s.size)
+            else:
+                changed = True
+            idx = np.asarray(idx, dtype=np.int64)
+            if s.block == 1:
+                parts.append(offset + idx)
+            else:
+                parts.append((offset + idx[:, None] * s.block + np.arange(s.block)).ravel())
+            offset += s.size * s.block
+        return np.concatenate(parts) if changed else None
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def attr(node: gs.Node, name: str, default=None):
+    value = node.attrs.get(name, default)
+    if isinstance(value, bytes):
+        value = value.decode()
+    return value
+
+
+def rank_of(tensor: gs.Tensor) -> int | None:
+    shape = tensor.shape
+    return None if shape is None else len(shape)
+
+
+def static_dims(tensor: gs.Tensor) -> list | None:
+    """Shape with non-static dims as their symbol (str) or None."""
+    shape = tensor.shape
+    if shape is None:
+        return None
+    return [int(d) if isinstance(d, (int, np.integer)) and d >= 0 else (d if isinstance(d, str) else None)
+            for d in shape]
+
+
+def _is_empty(tensor: gs.Tensor | None) -> bool:
+    return tensor is None or (isinstance(tensor, gs.Variable) and tensor.name == "" and not tensor.inputs)
+
+
+def input_at(node: gs.Node, index: int) -> gs.Tensor | None:
+    if index >= len(node.inputs) or _is_empty(node.inputs[index]):
+        return None
+    return node.inputs[index]
+
+
+def constant_value(tensor: gs.Tensor | None, cache: dict | None = None) -> np.ndarray | None:
+    """Value of a constant tensor or of a small constant sub-expression (Reshape/Unsqueeze/... of constants)."""
+    if tensor is None:
+        return None
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if cache is not None and tensor.name in cache:
+        return cache[tensor.name]
+    value = None
+    if len(tensor.inputs) == 1:
+        node = tensor.inputs[0]
+        if node.op == "Constant" and "value" in node.attrs:
+            v = node.attrs["value"]
+            value = np.asarray(v.values if isinstance(v, gs.Constant) else v)
+        elif node.op in _FOLDABLE_CONST_OPS and node.domain in STANDARD_DOMAINS and len(node.outputs) == 1:
+            args = [constant_value(t, cache) if not _is_empty(t) else None for t in node.inputs]
+            if args and args[0] is not None and all(a is not None or _is_empty(t)
+                                                    for a, t in zip(args, node.inputs)):
+                try:
+                    value = _fold(node, args)
+                except (ValueError, TypeError, IndexError):
+                    value = None
+    if cache is not None:
+        cache[tensor.name] = value
+    return value
+
+
+def _fold(node: gs.Node, args: list) -> np.ndarray | None:
+    x = args[0]
+    if node.op == "Identity":
+        return x
+    if node.op == "Cast":
+        import onnx
+
+        return x.astype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
+    if node.op == "Reshape":
+        shape = [int(d) for d in args[1]]
+        if not attr(node, "allowzero", 0):
+            shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        return x.reshape(shape)
+    if node.op == "Flatten":
+        axis = attr(node, "axis", 1) % max(x.ndim, 1)
+        return x.reshape(int(np.prod(x.shape[:axis])), -1)
+    axes = attr(node, "axes")
+    if axes is None and len(args) > 1 and args[1] is not None:
+        axes = [int(a) for a in args[1]]
+    if node.op == "Unsqueeze":
+        out_rank = x.ndim + len(axes)
+        return np.expand_dims(x, tuple(sorted(a % out_rank for a in axes)))
+    if node.op == "Squeeze":
+        return np.squeeze(x, tuple(a % x.ndim for a in axes)) if axes else np.squeeze(x)
+    return None
+
+
+def _axes_of(node: gs.Node, rank: int, cache: dict) -> list[int] | None:
+    """The `axes` of a Reduce*/Squeeze/Unsqueeze/Slice/Pad node (attribute or input), normalized; None if unknown."""
+    axes = attr(node, "axes")
+    if axes is None:
+        index = {"Slice": 3, "Pad": 3}.get(node.op, 1)
+        t = input_at(node, index)
+        if t is None:
+            return []
+        value = constant_value(t, cache)
+        if value is None:
+            return None
+        axes = [int(a) for a in np.asarray(value).reshape(-1)]
+    return [int(a) % rank for a in axes]
+
+
+# ---------------------------------------------------------------- analysis
+
+
+class _Builder:
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.owner: list[gs.Node] = []
+        self.pins: list[list[tuple[str, str, str]]] = []
+        self.layouts: dict[str, Layout] = {}
+        self.actions: list[Consumer] = []
+        self.cache: dict = {}
+
+    # union-find
+    def new_atom(self, owner: gs.Node, size: int) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(int(size))
+        self.owner.append(owner)
+        self.pins.append([])
+        return len(self.parent) - 1
+
+    def find(self, a: int) -> int:
+        root = a
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[a] != root:
+            self.parent[a], a = root, self.parent[a]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            lo, hi = min(ra, rb), max(ra, rb)  # the earlier atom stays root: ids follow topological order
+            self.parent[hi] = lo
+            self.pins[lo].extend(self.pins[hi])
+
+    def pin_atom(self, atom: int, node: gs.Node, reason: str) -> None:
+        self.pins[self.find(atom)].append((node.name, node.op, reason))
+
+    def pin(self, layout: Layout | None, node: gs.Node, reason: str) -> None:
+        if layout is None:
+            return
+        for s in layout.segments:
+            if s.atom is not None:
+                self.pin_atom(s.atom, node, reason)
+
+    def unify(self, a: Layout, b: Layout, node: gs.Node) -> bool:
+        """Require the same channel subset in `a` and `b`; pin both when their layouts cannot be matched."""
+        if len(a.segments) == len(b.segments) and all(
+                x.size == y.size and x.block == y.block for x, y in zip(a.segments, b.segments)):
+            for x, y in zip(a.segments, b.segments):
+                if x.atom is not None and y.atom is not None:
+                    self.union(x.atom, y.atom)
+                elif x.atom is not None or y.atom is not None:
+                    atom = x.atom if x.atom is not None else y.atom
+                    self.pin_atom(atom, node, "combined with channels that cannot change")
+            return True
+        self.pin(a, node, "combined with a tensor whose channel layout differs (Concat segments)")
+        self.pin(b, node, "combined with a tensor whose channel layout differs (Concat segments)")
+        return False
+
+    def act(self, node: gs.Node, kind: str, tensor: str, index: int = 0, axis: int = 0) -> None:
+        self.actions.append(Consumer(node, kind, tensor, index, axis))
+
+    def layout(self, tensor: gs.Tensor | None) -> Layout | None:
+        return None if tensor is None else self.layouts.get(tensor.name)
+
+    def set_layout(self, tensor: gs.Tensor, layout: Layout) -> None:
+        self.layouts[tensor.name] = layout
+
+    def pin_inputs(self, node: gs.Node, reason: str) -> None:
+        for t in node.inputs:
+            if not _is_empty(t):
+                self.pin(self.layouts.get(t.name), node, reason)
+
+    # ------------------------------------------------------------ handlers
+
+    def visit(self, node: gs.Node) -> None:
+        tracked = [t for t in node.inputs if not _is_empty(t) and t.name in self.layouts]
+        if node.domain not in STANDARD_DOMAINS:
+            self.pin_inputs(node, f"custom op {node.domain}.{node.op} is not understood by the channel analysis")
+            return
+        op = node.op
+        if op == "Conv":
+            return self.conv(node)
+        if op == "Gemm":
+            return self.gemm(node)
+        if op == "MatMul":
+            return self.matmul(node)
+        if not tracked:
+            return
+        if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+            return self.pin_inputs(node, f"{op} with a subgraph is not understood by the channel analysis")
+        handler = getattr(self, f"op_{op}", None)
+        if handler is None:
+            if op in UNARY_OPS:
+                handler = self.unary
+            elif op in BINARY_OPS:
+                handler = self.binary
+            elif op in POOL_OPS:
+                handler = self.pool
+            elif op in REDUCE_OPS:
+                handler = self.reduce
+        if handler is None:
+            return self.pin_inputs(node, f"{op} is not understood by the channel analysis")
+        handler(node)
+
+    def _extra_outputs_used(self, node: gs.Node) -> bool:
+        return any(o.outputs or any(o is g for g in self.graph.outputs) for o in node.outputs[1:])
+
+    def conv(self, node: gs.Node) -> None:
+        x, w_t, b_t = input_at(node, 0), input_at(node, 1), input_at(node, 2)
+        w = constant_value(w_t, self.cache)
+        lx = self.layout(x)
+        if w is None or w.ndim < 3 or (b_t is not None and constant_value(b_t, self.cache) is None):
+            self.pin(lx, node, "Conv with a non-constant weight or bias")
+            return
+        if lx is not None and lx.axis != 1:
+            self.pin(lx, node, "Conv input tracked on a non-channel axis")
+            lx = None
+        group = int(attr(node, "group", 1))
+        cout, cin_g = w.shape[0], w.shape[1]
+        y = node.outputs[0]
+        if group == 1:
+            if lx is not None:
+                self.act(node, CONV_IN, x.name)
+            atom = self.new_atom(node, cout)
+            self.act(node, CONV_OUT, y.name)
+            self.set_layout(y, Layout(1, (Segment(atom, cout),)))
+        elif cin_g == 1 and cout == group:
+            if lx is None:
+                return  # depthwise over channels that cannot change: its output cannot change either
+            if lx.blocked() or lx.total != cout:
+                self.pin(lx, node, "depthwise Conv over an unexpected channel layout")
+                return
+            self.act(node, DEPTHWISE, x.name)
+            self.set_layout(y, lx)
+        else:
+            reason = (f"grouped Conv (group={group}) is left unchanged: whole-group pruning is not implemented"
+                      if cin_g > 1 else f"depthwise Conv with channel multiplier {cout // group} is left unchanged")
+            self.pin(lx, node, reason)
+            atom = self.new_atom(node, cout)
+            self.pin_atom(atom, node, reason)
+            self.set_layout(y, Layout(1, (Segment(atom, cout),)))
+
+    def gemm(self, node: gs.Node) -> None:
+        a, b_t, c_t = input_at(node, 0), input_at(node, 1), input_at(node, 2)
+        la = self.layout(a)
+        w = constant_value(b_t, self.cache)
+        if w is None or w.ndim != 2 or attr(node, "transA", 0):
+            self.pin(la, node, "Gemm with transA or a non-constant weight")
+            return
+        if la is not None:
+            if la.axis != 1:
+                self.pin(la, node, "Gemm input tracked on the batch axis")
+            else:
+                self.act(node, GEMM_IN, a.name)
+        trans_b = int(attr(node, "transB", 0))
+        n = w.shape[0] if trans_b else w.shape[1]
+        atom = self.new_atom(node, n)
+        y = node.outputs[0]
+        self.set_layout(y, Layout(1, (Segment(atom, n),)))
+        self.act(node, GEMM_OUT, y.name)
+        if c_t is not None:
+            c = constant_value(c_t, self.cache)
+            if c is None or not (c.size == 1 or (c.size == n and c.shape[-1] == n)):
+                self.pin_atom(atom, node, "Gemm bias C is not a constant of N values")
+
+    def matmul(self, node: gs.Node) -> None:
+        a, b_t = input_at(node, 0), input_at(node, 1)
+        la = self.layout(a)
+        w = constant_value(b_t, self.cache)
+        ra = rank_of(a)
+        if w is None or w.ndim != 2 or ra is None:
+            self.pin(la, node, "MatMul with a non-constant or batched weight")
+            self.pin(self.layout(b_t), node, "MatMul with a non-constant or batched weight")
+            return
+        if la is not None:
+            if la.axis != ra - 1:
+                self.pin(la, node, "MatMul input tracked on a non-feature axis")
+            else:
+                self.act(node, MATMUL_IN, a.name)
+        y = node.outputs[0]
+        ry = rank_of(y) or ra
+        atom = self.new_atom(node, w.shape[1])
+        self.set_layout(y, Layout(ry - 1, (Segment(atom, w.shape[1]),)))
+        self.act(node, MATMUL_OUT, y.name)
+
+    def _norm(self, node: gs.Node, params: range) -> None:
+        lx = self.layout(node.inputs[0])
+        if lx.axis != 1 or lx.blocked():
+            return self.pin(lx, node, f"{node.op} over a non-channel axis")
+        if self._extra_outputs_used(node):
+            return self.pin(lx, node, f"{node.op} in training mode")
+        for i in params:
+            value = constant_value(input_at(node, i), self.cache)
+            if value is None or value.size != lx.total:
+                return self.pin(lx, node, f"{node.op} with non-constant or non-per-channel parameters")
+        self.act(node, NORM, node.inputs[0].name)
+        self.set_layout(node.outputs[0], lx)
+
+    def op_BatchNormalization(self, node: gs.Node) -> None:
+        self._norm(node, range(1, 5))
+
+    def op_InstanceNormalization(self, node: gs.Node) -> None:
+        self._norm(node, range(1, 3))
+
+    def unary(self, node: gs.Node) -> None:
+        lx = self.layout(node.inputs[0])
+        if lx is None or any(t.name in self.layouts for t in node.inputs[1:] if not _is_empty(t)):
+            return self.pin_inputs(node, f"{node.op} with a tracked tensor as a parameter")
+        if node.op == "Clip":
+            for i in (1, 2):
+                t = input_at(node, i)
+                if t is not None:
+                    v = constant_value(t, self.cache)
+                    if v is None or v.size != 1:
+                        return self.pin(lx, node, "Clip with non-constant bounds")
+        if node.op == "Dropout" and self._extra_outputs_used(node):
+            return self.pin(lx, node, "Dropout whose mask is used")
+        self.set_layout(node.outputs[0], lx)
+
+    def binary(self, node: gs.Node) -> None:
+        y = node.outputs[0]
+        ranks = [rank_of(t) for t in node.inputs]
+        ry = rank_of(y) or (max(ranks) if None not in ranks else None)
+        tracked = [(i, t, self.layouts[t.name]) for i, t in enumerate(node.inputs) if t.name in self.layouts]
+        if ry is None or None in ranks:
+            return self.pin_inputs(node, f"{node.op} with an unknown rank")
+        axes = {lay.axis + ry - ranks[i] for i, _, lay in tracked}
+        if len(axes) != 1:
+            return self.pin_inputs(node, f"{node.op} combines tensors tracked on different axes")
+        axis = axes.pop()
+        first = tracked[0][2]
+        ok = True
+        for _, _, lay in tracked[1:]:
+            ok = self.unify(first, lay, node) and ok
+        if not ok:
+            return
+        for i, t in enumerate(node.inputs):
+            if t.name in self.layouts:
+                continue
+            ca = axis - (ry - ranks[i])
+            dims = static_dims(t)
+            size = dims[ca] if ca >= 0 and dims is not None else (1 if ca < 0 else None)
+            if size == 1:
+                continue  # broadcast along the channel axis
+            value = constant_value(t, self.cache)
+            if value is not None and value.shape[ca] == first.total:
+                self.act(node, CONST, tracked[0][1].name, index=i, axis=ca)
+                continue
+            what = ("a constant of another channel count" if value is not None
+                    else "a tensor whose channels cannot change (not produced by a prunable layer)")
+            return self.pin_inputs(node, f"{node.op} with {what}")
+        self.set_layout(y, Layout(axis, first.segments))
+
+    def pool(self, node: gs.Node) -> None:
+        lx = self.layout(node.inputs[0])
+        if lx.axis != 1 or lx.blocked():
+            return self.pin(lx, node, f"{node.op} over the channel axis")
+        if self._extra_outputs_used(node):
+            return self.pin(lx, node, f"{node.op} whose indices output is used")
+        self.set_layout(node.outputs[0], lx)
+
+    def reduce(self, node: gs.Node) -> None:
+        x = node.inputs[0]
+        lx = self.layout(x)
+        r = rank_of(x)
+        axes = _axes_of(node, r, self.cache) if r is not None else None
+        if axes is None or not axes and not attr(node, "noop_with_empty_axes", 0):
+            return self.pin(lx, node, f"{node.op} over unknown or all axes")
+        if lx.axis in axes:
+            return self.pin(lx, node, f"{node.op} over the channel axis")
+        axis = lx.axis if attr(node, "keepdims", 1) else lx.axis - sum(1 for a in axes if a < lx.axis)
+        self.set_layout(node.outputs[0], Layout(axis, lx.segments))
+
+    def op_Softmax(self, node: gs.Node) -> None:
+        lx = self.layout(node.inputs[0])
+        r = rank_of(node.inputs[0])
+        if r is None or int(attr(node, "axis", -1)) % r == lx.axis:
+            return self.pin(lx, node, "Softmax over the channel axis")
+        self.set_layout(node.outputs[0], lx)
+
+    op_LogSoftmax = op_Softmax
+
+    def op_Transpose(self, node: gs.Node) -> None:
+        lx = self.layout(node.inputs[0])
+        r = rank_of(node.inputs[0])
+        perm = attr(node, "perm") or (list(range(r))[::-1] if r is not None else None)
+        if perm is None:
+            return self.pin(lx, node, "Transpose of unknown rank")
+        self.set_layout(node.outputs[0], Layout(list(perm).index(lx.axis), lx.segments))
+
+    def op_Unsqueeze(self, node: gs.Node) -> None:
+        lx = self.layout(node.inputs[0])
+        ry = rank_of(node.outputs[0])
+        axes = _axes_of(node, ry, self.cache) if ry is not None else None
+        if axes is None:
+            return self.pin(lx, node, "Unsqueeze with unknown axes")
+        axis = lx.axis
+        for a in sorted(axes):
+            if a <= axis:
+                axis += 1
+        self.set_layout(node.outputs[0], Layout(axis, lx.segments))
+
+    def op_Squeeze(self, node: gs.Node) -> None:
+        x = node.inputs[0]
+        lx = self.layout(x)
+        dims = static_dims(x)
+        axes = _axes_of(node, len(dims), self.cache) if dims is not None else None
+        if axes == [] and dims is not None and all(isinstance(d, int) for d in dims):
+            axes = [i for i, d in enumerate(dims) if d == 1]
+        if not axes or lx.axis in axes:
+            return self.pin(lx, node, "Squeeze of unknown axes or of the channel axis")
+        self.set_layout(node.outputs[0], Layout(lx.axis - sum(1 for a in axes if a < lx.axis), lx.segments))
+
+    def op_Flatten(self, node: gs.Node) -> None:
+        x = node.inputs[0]
+        lx = self.layout(x)
+        dims = static_dims(x)
+        if dims is None:
+            return self.pin(lx, node, "Flatten of unknown shape")
+        axis = int(attr(node, "axis", 1)) % max(len(dims), 1)
+        if axis != lx.axis:
+            return self.pin(lx, node, "Flatten that does not start at the channel axis")
+        self._flatten_to(node, lx, dims)
+
+    def _flatten_to(self, node: gs.Node, lx: Layout, dims: list) -> None:
+        rest = dims[lx.axis + 1:]
+        if lx.blocked() or not all(isinstance(d, int) for d in rest):
+            return self.pin(lx, node, f"{node.op} over a non-static or already flattened shape")
+        block = int(np.prod(rest, dtype=np.int64))
+        segs = tuple(Segment(s.atom, s.size, block) for s in lx.segments)
+        self.set_layout(node.outputs[0], Layout(lx.axis, segs))
+
+    def op_Reshape(self, node: gs.Node) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        lx = self.layout(x)
+        shape = constant_value(input_at(node, 1), self.cache)
+        din, dout = static_dims(x), static_dims(y)
+        if shape is None:
+            return self.pin(lx, node, "Reshape with a computed shape")
+        if din is None or dout is None:
+            return self.pin(lx, node, "Reshape of unknown shapes")
+        a = lx.axis
+        shape = np.asarray(shape).reshape(-1)
+        if len(shape) != len(dout) or len(shape) <= a:
+            return self.pin(lx, node, "Reshape with an unexpected target shape")
+        for i in range(a):  # dims before the channel axis must be kept (copied with 0, or the one -1)
+            if not (shape[i] in (0, -1) or (din[i] is not None and din[i] == dout[i])):
+                return self.pin(lx, node, "Reshape that changes the dims before the channel axis")
+        after_in, after_out = din[a + 1:], dout[a + 1:]
+        if not all(isinstance(d, int) for d in after_in + after_out) or not isinstance(dout[a], int):
+            return self.pin(lx, node, "Reshape with non-static dims after the channel axis")
+        if len(dout) == a + 1 and dout[a] == lx.total * int(np.prod(after_in, dtype=np.int64)):
+            kind = "flatten"
+        elif dout[a] == lx.total and np.prod(after_in, dtype=np.int64) == np.prod(after_out, dtype=np.int64) \
+                and all(d == 1 for d in after_in + after_out):
+            kind = "unit"
+        else:
+            return self.pin(lx, node, "Reshape that splits or merges the channel axis")
+        if shape[a] > 0 and shape[a] != dout[a] or shape[a] == 0 and kind == "flatten":
+            return self.pin(lx, node, "Reshape with an unexpected target shape")
+        if shape[a] > 0:
+            self.act(node, RESHAPE, y.name, index=1, axis=a)
+        if kind == "flatten":
+            self._flatten_to(node, lx, din)
+        else:
+            self.set_layout(y, lx)
+
+    def op_Pad(self, node: gs.Node) -> None:
+        x = node.inputs[0]
+        lx = self.layout(x)
+        r = rank_of(x)
+        pads = attr(node, "pads")
+        if pads is None:
+            pads = constant_value(input_at(node, 1), self.cache)
+        if pads is None or r is None:
+            return self.pin(lx, node, "Pad with computed pads")
+        pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+        axes = _axes_of(node, r, self.cache)
+        if axes is None:
+            return self.pin(lx, node, "Pad with computed axes")
+        axes = axes or list(range(r))
+        n = len(axes)
+        touched = {axes[i] for i in range(n) if pads[i] != 0 or pads[i + n] != 0}
+        if lx.axis in touched:
+            return self.pin(lx, node, "Pad of the channel axis")
+        self.set_layout(node.outputs[0], lx)
+
+    def op_Slice(self, node: gs.Node) -> None:
+        x = node.inputs[0]
+        lx = self.layout(x)
+        r = rank_of(x)
+        axes = _axes_of(node, r, self.cache) if r is not None else None
+        if axes == [] and r is not None:
+            starts = constant_value(input_at(node, 1), self.cache)
+            axes = list(range(len(starts))) if starts is not None else None
+        if axes is None or lx.axis in axes:
+            return self.pin(lx, node, "Slice of the channel axis")
+        self.set_layout(node.outputs[0], lx)
+
+    def op_Resize(self, node: gs.Node) -> None:
+        x = node.inputs[0]
+        lx = self.layout(x)
+        if node.op == "Upsample" or len(node.inputs) == 2:
+            scales_t, sizes_t = input_at(node, 1), None
+        else:
+            scales_t, sizes_t = input_at(node, 2), input_at(node, 3)
+        scales = constant_value(scales_t, self.cache)
+        sizes = constant_value(sizes_t, self.cache)
+        if sizes is not None and sizes.size:
+            if len(sizes) <= lx.axis or sizes[lx.axis] != lx.total:
+                return self.pin(lx, node, "Resize that changes the channel axis")
+            self.act(node, RESIZE, x.name, index=3, axis=lx.axis)
+        elif scales is not None and scales.size:
+            if len(scales) <= lx.axis or scales[lx.axis] != 1:
+                return self.pin(lx, node, "Resize that scales the channel axis")
+        else:
+            return self.pin(lx, node, "Resize with computed scales/sizes")
+        if attr(node, "axes") is not None:
+            return self.pin(lx, node, "Resize with axes")
+        self.set_layout(node.outputs[0], lx)
+
+    op_Upsample = op_Resize
+
+    def op_Concat(self, node: gs.Node) -> None:
+        y = node.outputs[0]
+        r = rank_of(y)
+        if r is None:
+            return self.pin_inputs(node, "Concat of unknown rank")
+        axis = int(attr(node, "axis")) % r
+        tracked_axes = {self.layouts[t.name].axis for t in node.inputs if t.name in self.layouts}
+        if tracked_axes == {axis}:
+            segs: list[Segment] = []
+            for t in node.inputs:
+                lay = self.layouts.get(t.name)
+                if lay is not None:
+                    if lay.blocked():
+                        return self.pin_inputs(node, "Concat of flattened channels")
+                    segs.extend(lay.segments)
+                    continue
+                dims = static_dims(t)
+                if dims is None or not isinstance(dims[axis], int):
+                    return self.pin_inputs(node, "Concat with an input of unknown channel count")
+                if dims[axis]:
+                    segs.append(Segment(None, dims[axis]))
+            self.set_layout(y, Layout(axis, tuple(segs)))
+        elif len(tracked_axes) == 1 and all(t.name in self.layouts for t in node.inputs):
+            lays = [self.layouts[t.name] for t in node.inputs]
+            ok = all([self.unify(lays[0], lay, node) for lay in lays[1:]])
+            if ok:
+                self.set_layout(y, lays[0])
+        else:
+            self.pin_inputs(node, "Concat mixing tracked and untracked channels on another axis")
+
+    def op_Shape(self, node: gs.Node) -> None:
+        self.pin_inputs(node, "Shape reads the channel count")
+
+    def op_Size(self, node: gs.Node) -> None:
+        self.pin_inputs(node, "Size reads the channel count")
+
+
+def analyze(graph: gs.Graph) -> ChannelAnalysis:
+    """Channel groups of `graph` (toposorted in place). Does not change anything else in the graph."""
+    graph.toposort()
+    b = _Builder(graph)
+    for node in graph.nodes:
+        b.visit(node)
+    out_names = set()
+    for t in graph.outputs:
+        out_names.add(t.name)
+        lay = b.layouts.get(t.name)
+        if lay is not None:
+            for s in lay.segments:
+                if s.atom is not None:
+                    b.pins[b.find(s.atom)].append((t.name, "graph output",
+                                                   "reaches a graph output, whose shape must not change"))
+    groups: dict[int, ChannelGroup] = {}
+    used_ids: set[str] = set()
+    for atom in range(len(b.parent)):
+        root = b.find(atom)
+        if root not in groups:
+            owner = b.owner[root]
+            gid = owner.name or owner.outputs[0].name
+            if gid in used_ids:
+                i = 1
+                while f"{gid}#{i}" in used_ids:
+                    i += 1
+                gid = f"{gid}#{i}"
+            used_ids.add(gid)
+            groups[root] = ChannelGroup(gid, b.size[root], root=root)
+    for atom in range(len(b.parent)):
+        g = groups[b.find(atom)]
+        if b.owner[atom] not in g.producers:
+            g.producers.append(b.owner[atom])
+    tensors = graph.tensors()
+    for name, lay in b.layouts.items():
+        seen = set()
+        for s in lay.segments:
+            if s.atom is not None:
+                root = b.find(s.atom)
+                if root not in seen:
+                    seen.add(root)
+                    groups[root].members.append((name, lay.axis))
+    for action in b.actions:
+        lay = b.layouts.get(action.tensor)
+        seen = set()
+        for s in lay.segments if lay is not None else ():
+            if s.atom is not None:
+                root = b.find(s.atom)
+                if root not in seen:
+                    seen.add(root)
+                    groups[root].consumers.append(action)
+    for root, g in groups.items():
+        pins = b.pins[root]
+        if pins:
+            g.pinned_by = list(dict.fromkeys(pins))
+            reasons = [f"{op} '{name}': {why}" for name, op, why in g.pinned_by]
+            g.pinned = "; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else "")
+    ordered = [groups[r] for r in sorted(groups)]
+    return ChannelAnalysis(ordered, b.layouts, b.actions, tensors, b.find, groups)
