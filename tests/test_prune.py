@@ -1,0 +1,433 @@
+"""The prune pass: exactness on dead channels, valid smaller models, counts, options, criteria, real models, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import zoo
+from ocomp.errors import UsageError
+from ocomp.model import infer_shapes, load_model, signature, to_graph, to_model
+from ocomp.passes.channels import (CONV_OUT, DEPTHWISE, GEMM_OUT, MATMUL_OUT, NORM, PRODUCER_KINDS, analyze)
+from ocomp.passes.prune import prune_graph
+from ocomp.pipeline import resolve_options, run_passes
+
+REL_TOL = 1e-5  # dead-channel removal is exact up to float32 summation order
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def prepared(model: onnx.ModelProto) -> onnx.ModelProto:
+    return infer_shapes(model)
+
+
+def prune(model: onnx.ModelProto, state: dict | None = None, calibration=None, **options):
+    result = run_passes(model, ["prune"], {"prune": options}, state=state, calibration=calibration)
+    return result.model, result.reports[0]
+
+
+def assert_close(ref: np.ndarray, out: np.ndarray) -> None:
+    scale = float(np.abs(ref).max())
+    np.testing.assert_allclose(out, ref, rtol=REL_TOL, atol=REL_TOL * scale)
+
+
+def independent_counts(model: onnx.ModelProto) -> tuple[int, int]:
+    """Params (float initializers) and MACs at batch 1 of Conv/Gemm/MatMul, from initializers and inferred shapes."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    shapes = {}
+    for vi in list(model.graph.value_info) + list(model.graph.output):
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim]
+    params = sum(v.size for v in inits.values() if v.dtype.kind == "f")
+    macs = 0
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "Gemm", "MatMul") or n.input[1] not in inits:
+            continue
+        w = inits[n.input[1]]
+        out = shapes[n.output[0]]
+        per_output = {"Conv": int(np.prod(w.shape[1:])), "MatMul": w.shape[0]}.get(n.op_type)
+        if n.op_type == "Gemm":
+            trans_b = any(a.name == "transB" and a.i for a in n.attribute)
+            per_output = w.shape[1] if trans_b else w.shape[0]
+        macs += int(np.prod(out[1:])) * per_output
+    return params, macs
+
+
+def out_channels(model: onnx.ModelProto) -> dict[str, int]:
+    """Output channels of every Conv/Gemm/MatMul by node name."""
+    inits = {i.name: i for i in model.graph.initializer}
+    result = {}
+    for n in model.graph.node:
+        if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] in inits:
+            dims = list(inits[n.input[1]].dims)
+            trans_b = any(a.name == "transB" and a.i for a in n.attribute)
+            result[n.name] = dims[0] if n.op_type == "Conv" or trans_b else dims[1]
+    return result
+
+
+def expected_kept(size: int, ratio: float) -> int:
+    return max(1, size - math.floor(ratio * size + 0.5))
+
+
+def zero_channels(model: onnx.ModelProto, chosen: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Make the chosen channels of each group exactly 0 after their activations.
+
+    Zeroes the producers' weight rows and biases, BatchNorm gamma and beta, and
+    the depthwise Conv rows of each group.
+    """
+    graph = to_graph(model)
+    analysis = analyze(graph)
+
+    def zero(tensor, index, axis):
+        values = np.array(tensor.values, copy=True)
+        np.moveaxis(values, axis, 0)[index] = 0
+        tensor.values = values
+
+    for gid, chans in chosen.items():
+        for c in analysis.group(gid).consumers:
+            inputs = c.node.inputs
+            if c.kind in PRODUCER_KINDS:
+                trans_b = c.node.attrs.get("transB", 0)
+                zero(inputs[1], chans, {CONV_OUT: 0, MATMUL_OUT: 1, GEMM_OUT: 0 if trans_b else 1}[c.kind])
+                if len(inputs) > 2:  # bias: channels on its last axis
+                    zero(inputs[2], chans, inputs[2].values.ndim - 1)
+            elif c.kind in (NORM, DEPTHWISE):  # BN gamma and beta; depthwise weight rows and bias
+                pos = analysis.positions(c.tensor, gid, chans)
+                for tensor in inputs[1:3]:
+                    zero(tensor, pos, 0)
+    return to_model(graph, model)
+
+
+def prunable_groups(model: onnx.ModelProto):
+    return [g for g in analyze(to_graph(model)).groups if g.pinned is None]
+
+
+# ---------------------------------------------------------------- exactness
+
+
+def test_dead_channels_removed_exactly(zoo_model):
+    model = prepared(zoo_model)
+    rng = np.random.default_rng(1)
+    chosen = {}
+    for g in prunable_groups(model):
+        n = math.floor(0.5 * g.size + 0.5)
+        chosen[g.id] = np.sort(rng.choice(g.size, size=n, replace=False))
+    assert chosen, "every zoo model has prunable groups"
+    dead = prepared(zero_channels(model, chosen))
+    state: dict = {}
+    pruned, report = prune(dead, state, ratio=0.5)
+
+    feeds = zoo.random_input(dead, batch=3, seed=5)
+    assert_close(zoo.run(dead, feeds)[0], zoo.run(pruned, feeds)[0])
+    assert report.details["dead_channels_removed"] == sum(len(c) for c in chosen.values())
+    analysis = analyze(to_graph(dead))
+    for gid, chans in chosen.items():
+        kept = np.setdiff1d(np.arange(analysis.group(gid).size), chans)
+        for c in analysis.group(gid).consumers:
+            if c.kind in PRODUCER_KINDS:
+                np.testing.assert_array_equal(state["kept_channels"][c.tensor], kept)
+
+
+# ---------------------------------------------------------------- validity and counts
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_pruned_model_is_valid_and_smaller(zoo_model, ratio):
+    model = prepared(zoo_model)
+    pruned, report = prune(model, ratio=ratio)
+
+    onnx.checker.check_model(pruned, full_check=True)
+    onnx.shape_inference.infer_shapes(pruned, check_type=True, strict_mode=True, data_prop=True)
+    assert signature(pruned) == signature(model)
+    out = zoo.run(pruned, zoo.random_input(model, batch=2))[0]
+    assert out.shape == (2, 10) and np.isfinite(out).all()
+
+    params, macs = independent_counts(pruned)
+    assert (report.totals["params_after"], report.totals["macs_after"]) == (params, macs)
+    params0, macs0 = independent_counts(model)
+    assert params < params0 and macs < macs0
+
+    channels = out_channels(pruned)
+    for g in prunable_groups(model):
+        for p in g.producers:
+            assert channels[p.name] == expected_kept(g.size, ratio), p.name
+
+
+def test_plain_counts_match_hand_computation():
+    model = prepared(zoo.build("plain"))
+    pruned, report = prune(model, ratio=0.5)
+    # convs 3->8 (+bias), 8->16, 16->16, 16->32 with BN, fc 32->10; 32x32, 16x16, 16x16, 8x8 outputs
+    params = (8 * 3 * 9 + 8 + 4 * 8) + (16 * 8 * 9 + 4 * 16) + (16 * 16 * 9 + 4 * 16) + (32 * 16 * 9 + 4 * 32) + (
+        32 * 10 + 10)
+    macs = 8 * 1024 * 27 + 16 * 256 * 72 + 16 * 256 * 144 + 32 * 64 * 144 + 10 * 32
+    assert report.totals["params_after"] == params
+    assert report.totals["macs_after"] == macs
+
+
+def test_ratio_zero_is_identity(zoo_model):
+    model = prepared(zoo_model)
+    pruned, report = prune(model, ratio=0.0)
+    feeds = zoo.random_input(model, batch=2)
+    np.testing.assert_array_equal(zoo.run(model, feeds)[0], zoo.run(pruned, feeds)[0])
+    assert report.totals["params_after"] == report.totals["params_before"]
+    assert report.layers == []
+
+
+def test_pruning_twice_composes():
+    model = prepared(zoo.build("resnet", folded=True))
+    state: dict = {}
+    once, first = prune(model, state, ratio=0.3)
+    kept_once = {k: v.copy() for k, v in state["kept_channels"].items()}
+    twice, second = prune(once, state, ratio=0.3)
+    assert second.totals["params_after"] < first.totals["params_after"] < first.totals["params_before"]
+
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    final = {i.name: numpy_helper.to_array(i) for i in twice.graph.initializer}
+    stem = next(n for n in model.graph.node if n.name == "stem.conv")
+    kept = state["kept_channels"][stem.output[0]]
+    assert len(kept) == expected_kept(expected_kept(16, 0.3), 0.3)
+    assert set(kept) <= set(kept_once[stem.output[0]])
+    # the stem's input is the graph input: its final weight is the original's kept rows
+    np.testing.assert_array_equal(final[stem.input[1]], inits[stem.input[1]][kept])
+    feeds = zoo.random_input(model, batch=2)
+    assert np.isfinite(zoo.run(twice, feeds)[0]).all()
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_report_rows_and_pinned_groups():
+    model = prepared(zoo.build("grouped"))
+    _, report = prune(model, ratio=0.5, criterion="l2")
+    rows = {r.name: r for r in report.layers}
+    conv = rows["features.2.conv"]  # 32 -> 64 1x1 conv after the grouped conv (whose group is pinned)
+    assert (conv.before, conv.after) == ("64x32x1x1", "32x32x1x1")
+    assert conv.params_before == 64 * 32 and conv.params_after == 32 * 32
+    assert conv.macs_before == 64 * 256 * 32 and conv.macs_after == 32 * 256 * 32
+    assert "out 64->32, in 32->32" in conv.note and "criterion l2" in conv.note
+    assert rows["features.2.bn"].params_after == 4 * 32
+    skipped = {(s.name, s.op): s.reason for s in report.skipped}
+    assert "grouped Conv (group=4)" in skipped[("features.1.conv", "Conv")]
+    assert "graph output" in skipped[("logits", "graph output")]
+    groups = {g["id"]: g for g in report.details["groups"]}
+    assert (groups["features.2.conv"]["channels_before"], groups["features.2.conv"]["channels_after"]) == (64, 32)
+    assert {p["group"] for p in report.details["pinned_groups"]} == {"features.0.conv", "features.1.conv", "fc"}
+    json.dumps(report.to_dict())  # JSON-able
+
+
+# ---------------------------------------------------------------- options
+
+
+def test_multiple_rounds_kept_counts_up():
+    model = prepared(zoo.build("mobilenetv2"))
+    pruned, _ = prune(model, ratio=0.3, multiple=8)
+    channels = out_channels(pruned)
+    for g in prunable_groups(model):
+        want = min(g.size, math.ceil(expected_kept(g.size, 0.3) / 8) * 8)
+        for p in g.producers:
+            assert channels[p.name] == want and (want % 8 == 0 or want == g.size)
+
+
+def test_skip_and_layer_overrides():
+    model = prepared(zoo.build("resnet"))
+    pruned, report = prune(model, ratio=0.25, skip=["layer2.0.conv1"], layer=["layer1.0.conv1=0.5"])
+    channels = out_channels(pruned)
+    assert channels["layer2.0.conv1"] == 32
+    assert channels["layer1.0.conv1"] == 8
+    assert channels["layer2.1.conv1"] == 24
+    assert channels["stem.conv"] == channels["layer1.0.conv2"] == 12  # one residual group
+    assert any(s.name == "layer2.0.conv1" and "--prune-skip" in s.reason for s in report.skipped)
+
+
+def test_option_errors():
+    model = prepared(zoo.build("resnet"))
+    assert resolve_options("prune", {"ratio": "auto"})["ratio"] == "auto"
+    with pytest.raises(UsageError, match="auto"):
+        prune(model, ratio="auto")
+    with pytest.raises(UsageError, match="no Conv/Gemm/MatMul layer or channel group named 'nope'"):
+        prune(model, layer=["nope=0.5"])
+    with pytest.raises(UsageError, match="share one channel group"):
+        prune(model, layer=["stem.conv=0.5", "layer1.0.conv2=0.25"])
+    with pytest.raises(UsageError, match="calibration"):
+        prune(model, criterion="activation")
+    with pytest.raises(UsageError):
+        resolve_options("prune", {"multiple": 0})
+
+
+# ---------------------------------------------------------------- criteria
+
+
+def _two_conv_model(w1: np.ndarray) -> onnx.ModelProto:
+    cout, cin = w1.shape[:2]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="c1", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="c2", kernel_shape=[1, 1])]
+    inits = [numpy_helper.from_array(w1.astype(np.float32), "w1"),
+             numpy_helper.from_array(np.ones((2, cout, 1, 1), np.float32), "w2")]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 4, 4])], inits)
+    return infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+
+def _kept_of(model, state_key, **options):
+    state: dict = {}
+    prune(model, state, **options)
+    return state["kept_channels"][state_key].tolist()
+
+
+def test_l1_and_l2_rank_differently():
+    w = np.zeros((4, 4, 1, 1))
+    w[0, :, 0, 0] = 1.0  # l1 4, l2 2
+    w[1, 0, 0, 0] = 3.0  # l1 3, l2 3
+    w[2, :, 0, 0] = 2.0  # l1 8, l2 4
+    w[3, :2, 0, 0] = 2.5  # l1 5, l2 3.54
+    model = _two_conv_model(w)
+    assert _kept_of(model, "h", ratio=0.25, criterion="l1") == [0, 2, 3]
+    assert _kept_of(model, "h", ratio=0.25, criterion="l2") == [1, 2, 3]
+
+
+def test_bn_criterion_keeps_largest_gamma():
+    model = prepared(zoo.build("plain"))
+    gamma = np.abs(numpy_helper.to_array(next(i for i in model.graph.initializer
+                                              if i.name == "features.1.bn.weight")))
+    kept = _kept_of(model, "features.1.conv.output", ratio=0.5, criterion="bn")
+    assert kept == sorted(np.argsort(-gamma, kind="stable")[:16].tolist())
+    assert kept != _kept_of(model, "features.1.conv.output", ratio=0.5, criterion="l1")
+
+
+def test_activation_criterion_keeps_largest_mean_activation():
+    model = prepared(zoo.build("plain", folded=True))
+    feeds = zoo.random_input(model, batch=4, seed=3)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_empty_tensor_value_info("features.2.bn.output"))
+    act = zoo.run(probe, feeds)[1]
+    score = np.abs(act).mean(axis=(0, 2, 3))
+    state: dict = {}
+    prune(model, state, calibration=[feeds], ratio=0.5, criterion="activation")
+    assert state["kept_channels"]["features.2.bn.output"].tolist() == sorted(np.argsort(-score)[:16].tolist())
+
+
+# ---------------------------------------------------------------- constant (non-zero) channels
+
+
+def _constant_channel_model(consumer_kernel: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    w1[2] = 0.0  # channel 2 outputs relu(0.7) everywhere
+    b1 = np.array([0.1, -0.2, 0.7, 0.3], np.float32)
+    k, pad = consumer_kernel, consumer_kernel // 2
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="c1", kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="c2", kernel_shape=[k, k], pads=[pad] * 4)]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
+             numpy_helper.from_array(rng.normal(size=(2, 4, k, k)).astype(np.float32), "w2")]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 8, 8])], inits)
+    return infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+
+def test_nonzero_constant_channel_folded_into_unpadded_consumer_bias():
+    model = _constant_channel_model(1)
+    pruned, report = prune(model, ratio=0.0)
+    assert report.details["dead_channels_removed"] == 1
+    assert out_channels(pruned)["c1"] == 3
+    feeds = {"x": np.random.default_rng(2).normal(size=(2, 3, 8, 8)).astype(np.float32)}
+    assert_close(zoo.run(model, feeds)[0], zoo.run(pruned, feeds)[0])
+
+
+def test_nonzero_constant_channel_not_folded_through_padding():
+    model = _constant_channel_model(3)
+    pruned, report = prune(model, ratio=0.0)
+    assert report.details["dead_channels_removed"] == 0
+    assert out_channels(pruned)["c1"] == 4
+    pruned, _ = prune(model, ratio=0.25)  # still first in the ranking (l1 = 0)
+    state: dict = {}
+    prune(model, state, ratio=0.25)
+    assert state["kept_channels"]["h"].tolist() == [0, 1, 3]
+
+
+def test_prune_graph_api_takes_group_ratios():
+    graph = to_graph(prepared(zoo.build("inception")))
+    result = prune_graph(graph, {"mixed.branch3x3_2.conv": 0.5, "stem.conv": 0.25})
+    assert len(result.kept["mixed.branch3x3_2.conv"]) == 12 and len(result.kept["stem.conv"]) == 24
+    assert {g.id for g in result.groups} == {"mixed.branch3x3_2.conv", "stem.conv"}
+    with pytest.raises(UsageError, match="no channel group"):
+        prune_graph(graph, {"missing": 0.5})
+
+
+# ---------------------------------------------------------------- real models
+
+
+def _run_real(path, input_shapes=None, ratio=0.3):
+    model = load_model(path, input_shapes)
+    pruned, report = prune(model, ratio=ratio)
+    feeds = zoo.random_input(model, batch=1)
+    ref, out = zoo.run(model, feeds)[0], zoo.run(pruned, feeds)[0]
+    assert out.shape == ref.shape and np.isfinite(out).all()
+    return model, pruned, report
+
+
+def test_real_resnet20(shared_dir):
+    for name in ("resnet20_fashion_mnist.onnx", "resnet20_fashion_mnist_folded.onnx"):
+        _, pruned, report = _run_real(shared_dir / name)
+        assert 0.45 < report.totals["params_after"] / report.totals["params_before"] < 0.55
+
+
+def test_real_ppocr_cls(shared_dir):
+    _, _, report = _run_real(shared_dir / "ppocr_mobile_v2_cls.onnx", {"x": ["N", 3, 48, 192]})
+    assert report.totals["params_after"] < 0.7 * report.totals["params_before"]
+    reasons = {(s.name, s.reason.split(": ", 1)[1]) for s in report.skipped}
+    assert ("Reshape@18", "Reshape with a computed shape") in reasons
+
+
+def test_real_pplcnet(shared_dir):
+    _, _, report = _run_real(shared_dir / "pplcnet_text_orientation.onnx")
+    assert report.totals["params_after"] < 0.7 * report.totals["params_before"]
+    ops = {s.op for s in report.skipped}
+    assert {"Shape", "Reshape", "Softmax"} <= ops
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_compress_prunes_file(tmp_model_path, tmp_path):
+    from click.testing import CliRunner
+
+    from ocomp.cli import main
+
+    src = tmp_model_path(zoo.build("resnet"))
+    dst = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["compress", str(src), "-o", str(dst), "--passes", "prune",
+                                       "--prune-ratio", "0.3", "--report", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    totals = json.loads((tmp_path / "r.json").read_text())["passes"][0]["totals"]
+    removed_bytes = 4 * (totals["params_before"] - totals["params_after"])
+    shrink = src.stat().st_size - dst.stat().st_size
+    assert abs(shrink - removed_bytes) < 0.05 * removed_bytes
+
+
+def test_cli_compare_dead_channels_exact(tmp_model_path, tmp_path):
+    runtime = pytest.importorskip("ocomp.runtime")
+    if not hasattr(runtime, "session"):
+        pytest.skip("ocomp.runtime.session is not built yet")
+    from click.testing import CliRunner
+
+    from ocomp.cli import main
+
+    model = prepared(zoo.build("mobilenetv2"))
+    chosen = {g.id: np.arange(0, g.size, 2) for g in prunable_groups(model)}
+    src = tmp_model_path(zero_channels(model, chosen), "dead.onnx")
+    dst = tmp_path / "pruned.onnx"
+    runner = CliRunner()
+    assert runner.invoke(main, ["compress", str(src), "-o", str(dst), "--passes", "prune",
+                                "--prune-ratio", "0.5"]).exit_code == 0
+    result = runner.invoke(main, ["compare", str(src), str(dst), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)["outputs"]["logits"]
+    assert metrics["max_rel"] < REL_TOL
