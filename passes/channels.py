@@ -786,7 +786,11 @@ class _Builder:
 
 
 def analyze(graph: gs.Graph) -> ChannelAnalysis:
-    """Channel groups of `graph` (toposorted in place). Does not change anything else in the graph."""
+    """Channel groups of `graph`, which must carry inferred shapes (graphs from the pipeline do).
+
+    The graph is toposorted in place; nothing else changes. Tensors of unknown
+    rank or shape where the analysis needs them pin the groups involved.
+    """
     graph.toposort()
     b = _Builder(graph)
     for node in graph.nodes:

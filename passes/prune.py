@@ -651,8 +651,8 @@ class _Rewriter:
         if input_at(node, index) is None:
             return
         value = self._value(node, index)
-        if value.size == 1 and value.ndim <= 1 and len(idx) != 1:
-            return  # a broadcast scalar
+        if value.ndim == 0 or value.shape[axis] == 1:
+            return  # broadcast along the channel axis (only shrinking axes of >= 2 channels get here)
         self._set(node, index, np.take(value, idx, axis=axis))
 
     def _add_bias(self, node: gs.Node, index: int, delta: np.ndarray, dtype) -> None:
