@@ -789,8 +789,9 @@ def _numel(dims: Iterable) -> int:
 
 def _node_stats(node: gs.Node) -> tuple:
     """(weight shape, out channels, in channels, params, MACs at batch 1) of a node."""
-    consts = [t for t in node.inputs if isinstance(t, gs.Constant) and np.issubdtype(t.dtype, np.floating)]
-    params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in consts)
+    consts = [v for v in (constant_value(t) for t in node.inputs[1:] if not ch._is_empty(t))
+              if v is not None and np.issubdtype(v.dtype, np.floating)]
+    params = sum(int(v.size) for v in consts)
     out = node.outputs[0].shape or []
     macs = 0
     w = input_at(node, 1)

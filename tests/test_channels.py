@@ -170,3 +170,14 @@ def test_pad_and_unknown_ops():
     assert groups["b"].pinned_by == [("pad_c", "Pad", "Pad of the channel axis")]
     assert groups["c"].pinned_by == [("lpnorm", "LpNormalization",
                                       "LpNormalization is not understood by the channel analysis")]
+
+
+def test_resize_and_reduce_mean_pass_channels_through():
+    g = G()
+    a = g.conv("x", "a", 3, 4)
+    up = g.node("Resize", [a, "", g.init("scales", [1, 1, 2, 2])], "up", mode="nearest")
+    m = g.node("ReduceMean", [up], "mean", axes=[2, 3], keepdims=1)
+    bad = g.node("Resize", [g.conv(m, "b", 4, 4, k=1), "", g.init("scales_c", [1, 2, 1, 1])], "up_c", mode="nearest")
+    _, groups = groups_of(g.model(g.conv(bad, "head", 8, 2)))
+    assert groups["a"].pinned is None and ("mean", 1) in groups["a"].members
+    assert groups["b"].pinned_by == [("up_c", "Resize", "Resize that scales the channel axis")]

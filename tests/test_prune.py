@@ -14,7 +14,7 @@ import zoo
 from ocomp.errors import UsageError
 from ocomp.model import infer_shapes, load_model, signature, to_graph, to_model
 from ocomp.passes.channels import (CONV_OUT, DEPTHWISE, GEMM_OUT, MATMUL_OUT, NORM, PRODUCER_KINDS, analyze)
-from ocomp.passes.prune import prune_graph
+from ocomp.passes.prune import _plain_session, prune_graph
 from ocomp.pipeline import resolve_options, run_passes
 
 REL_TOL = 1e-5  # dead-channel removal is exact up to float32 summation order
@@ -244,9 +244,18 @@ def test_skip_and_layer_overrides():
     assert any(s.name == "layer2.0.conv1" and "--prune-skip" in s.reason for s in report.skipped)
 
 
-def test_option_errors():
+def test_min_channels_floor():
+    model = prepared(zoo.build("resnet"))
+    pruned, _ = prune(model, ratio=0.9, min_channels=8)
+    channels = out_channels(pruned)
+    assert channels["layer1.0.conv1"] == 8  # 16 - 14 = 2, raised to 8
+    assert channels["layer2.0.conv1"] == 8  # 32 - 29 = 3, raised to 8
+
+
+def test_option_parsing_and_errors():
     model = prepared(zoo.build("resnet"))
     assert resolve_options("prune", {"ratio": "auto"})["ratio"] == "auto"
+    assert resolve_options("prune", {"layer": {"layer1.0.conv1": 0.5}})["layer"] == (("layer1.0.conv1", 0.5),)
     with pytest.raises(UsageError, match="auto"):
         prune(model, ratio="auto")
     with pytest.raises(UsageError, match="no Conv/Gemm/MatMul layer or channel group named 'nope'"):
@@ -337,6 +346,7 @@ def test_nonzero_constant_channel_folded_into_unpadded_consumer_bias():
     pruned, report = prune(model, ratio=0.0)
     assert report.details["dead_channels_removed"] == 1
     assert out_channels(pruned)["c1"] == 3
+    assert out_channels(prune(model, ratio=0.0, dead=False)[0])["c1"] == 4
     feeds = {"x": np.random.default_rng(2).normal(size=(2, 3, 8, 8)).astype(np.float32)}
     assert_close(zoo.run(model, feeds)[0], zoo.run(pruned, feeds)[0])
 
@@ -412,14 +422,14 @@ def test_cli_compress_prunes_file(tmp_model_path, tmp_path):
     assert abs(shrink - removed_bytes) < 0.05 * removed_bytes
 
 
-def test_cli_compare_dead_channels_exact(tmp_model_path, tmp_path):
-    runtime = pytest.importorskip("ocomp.runtime")
-    if not hasattr(runtime, "session"):
-        pytest.skip("ocomp.runtime.session is not built yet")
+def test_cli_compare_dead_channels_exact(tmp_model_path, tmp_path, monkeypatch):
+    import ocomp.runtime
     from click.testing import CliRunner
 
     from ocomp.cli import main
 
+    if not hasattr(ocomp.runtime, "session"):  # the custom-op runtime is not built: these models need none
+        monkeypatch.setattr(ocomp.runtime, "session", lambda model, **_: _plain_session(model), raising=False)
     model = prepared(zoo.build("mobilenetv2"))
     chosen = {g.id: np.arange(0, g.size, 2) for g in prunable_groups(model)}
     src = tmp_model_path(zero_channels(model, chosen), "dead.onnx")
