@@ -794,7 +794,11 @@ def analyze(graph: gs.Graph) -> ChannelAnalysis:
     graph.toposort()
     b = _Builder(graph)
     for node in graph.nodes:
-        b.visit(node)
+        try:
+            b.visit(node)
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+            # a malformed or unusual node: leave everything it touches alone rather than guess
+            b.pin_inputs(node, f"{node.op} could not be analyzed ({type(exc).__name__}: {exc})")
     out_names = set()
     for t in graph.outputs:
         out_names.add(t.name)

@@ -789,7 +789,7 @@ def _numel(dims: Iterable) -> int:
 
 def _node_stats(node: gs.Node) -> tuple:
     """(weight shape, out channels, in channels, params, MACs at batch 1) of a node."""
-    consts = [v for v in (constant_value(t) for t in node.inputs[1:] if not ch._is_empty(t))
+    consts = [v for v in (constant_value(input_at(node, i)) for i in range(1, len(node.inputs)))
               if v is not None and np.issubdtype(v.dtype, np.floating)]
     params = sum(int(v.size) for v in consts)
     out = node.outputs[0].shape or []
@@ -825,7 +825,7 @@ def _fill_report(report: Report, analysis: ChannelAnalysis, result: PruneResult,
         pinned.append(dict(group=g.id, size=g.size, reasons=[dict(node=n, op=op, reason=why)
                                                              for n, op, why in g.pinned_by]))
         for name, op, why in g.pinned_by:
-            report.skip(name, op, f"group '{g.id}' ({g.size} channels) left unchanged: {why}")
+            report.skip(name or g.id, op, f"group '{g.id}' ({g.size} channels) left unchanged: {why}")
     report.details.update(
         criterion=criterion,
         dead_channels_removed=result.dead_removed,
