@@ -104,7 +104,8 @@ def test_dynamic_spatial_dims_reported(tmp_path: Path) -> None:
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[2].dim_param = "H"
     dims[3].dim_param = "W"
-    del model.graph.output[0].type.tensor_type.shape.dim[:]
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    model.graph.output[0].type.tensor_type.shape.dim[3].dim_param = "W"
     path = tmp_path / "dyn.onnx"
     path.write_bytes(model.SerializeToString())
     _compress_fails(tmp_path, path, "input 'input'", "'H' at axis 2", "--input-shape")
