@@ -1,0 +1,322 @@
+// TernaryConv: direct convolution with add/sub-only accumulation.
+//
+// Layout trick (no im2col): the input of each (image, group) is copied once
+// into zero-padded "phase planes": for stride s, plane (c, ra, rb) holds
+// Xpad[c][i*s + ra][j*s + rb], Hph x Wph. Output pixel (oy, ox), computed at
+// flat position p = oy*Wph + ox (columns ox >= OW are computed and dropped),
+// then reads weight row (c, ky, kx) at plane(c, ky*dh % s, kx*dw % s) +
+// (oy + ky*dh / s)*Wph + ox + kx*dw / s = p + offset(row). So every nonzero
+// weight is one offset, and a tile of 64 consecutive outputs adds 64
+// consecutive floats: see kernels.h. Stride 1 has one phase (the padded input).
+#include "ternary_conv.h"
+
+#include <algorithm>
+#include <array>
+
+#include "packing.h"
+
+namespace ocomp {
+
+namespace {
+
+constexpr int64_t kMaxAttr = 1 << 16;     // sanity bound for kernel/stride/dilation/pad values
+constexpr int64_t kL1Budget = 16 * 1024;  // bytes of input rows a reduction block may touch
+
+}  // namespace
+
+struct ConvPlan {
+  int64_t H = 0, W = 0, OH = 0, OW = 0;
+  int64_t Hph = 0, Wph = 0, plane = 0, nph = 0;
+  int64_t block = 0;  // floats per (image, group) in the rearranged buffer
+  int64_t P = 0, tiles = 0, cb = 0, nblocks = 0;
+  std::vector<std::array<int64_t, 2>> phases;  // (ra, rb) of each stored phase plane
+  std::vector<int32_t> offsets;
+  std::vector<ListRef> refs;  // refs[b * K + k]
+};
+
+TernaryConvKernel::TernaryConvKernel(const OrtApi& api, const OrtKernelInfo* info) {
+  bool present = false;
+  std::vector<int64_t> ws = attr_ints(api, info, "weight_shape", &present);
+  if (!present) throw Error("TernaryConv: attribute weight_shape (K, C/group, kH, kW) is required");
+  if (ws.size() != 4) throw Error("TernaryConv: weight_shape must have 4 values (K, C/group, kH, kW), got " +
+                                  std::to_string(ws.size()));
+  for (int64_t v : ws)
+    if (v <= 0 || v > (int64_t{1} << 24))
+      throw Error("TernaryConv: weight_shape values must be in [1, 2^24], got " + shape_str(ws));
+  a_.K = ws[0];
+  a_.Cg = ws[1];
+  a_.kH = ws[2];
+  a_.kW = ws[3];
+  if (a_.kH > kMaxAttr || a_.kW > kMaxAttr) throw Error("TernaryConv: kernel too large in weight_shape");
+
+  if (attr_int(api, info, "group", &a_.group)) {
+    if (a_.group < 1) throw Error("TernaryConv: group must be >= 1, got " + std::to_string(a_.group));
+  }
+  if (a_.K % a_.group != 0)
+    throw Error("TernaryConv: K=" + std::to_string(a_.K) + " (weight_shape[0]) is not divisible by group=" +
+                std::to_string(a_.group));
+
+  std::vector<int64_t> ks = attr_ints(api, info, "kernel_shape", &present);
+  if (present && (ks.size() != 2 || ks[0] != a_.kH || ks[1] != a_.kW))
+    throw Error("TernaryConv: kernel_shape " + shape_str(ks) + " does not match weight_shape " + shape_str(ws));
+
+  std::vector<int64_t> strides = attr_ints(api, info, "strides", &present);
+  if (present) {
+    if (strides.size() != 2 || strides[0] < 1 || strides[1] < 1 || strides[0] > kMaxAttr || strides[1] > kMaxAttr)
+      throw Error("TernaryConv: strides must be 2 values >= 1, got " + shape_str(strides));
+    a_.sh = strides[0];
+    a_.sw = strides[1];
+  }
+  std::vector<int64_t> dil = attr_ints(api, info, "dilations", &present);
+  if (present) {
+    if (dil.size() != 2 || dil[0] < 1 || dil[1] < 1 || dil[0] > kMaxAttr || dil[1] > kMaxAttr)
+      throw Error("TernaryConv: dilations must be 2 values >= 1, got " + shape_str(dil));
+    a_.dh = dil[0];
+    a_.dw = dil[1];
+  }
+  std::vector<int64_t> pads = attr_ints(api, info, "pads", &present);
+  if (present) {
+    if (pads.size() != 4) throw Error("TernaryConv: pads must have 4 values, got " + shape_str(pads));
+    for (int64_t p : pads)
+      if (p < 0 || p > kMaxAttr) throw Error("TernaryConv: pads must be in [0, 65536], got " + shape_str(pads));
+    a_.pt = pads[0];
+    a_.pl = pads[1];
+    a_.pb = pads[2];
+    a_.pr = pads[3];
+  }
+  size_t len = 0;
+  OrtStatus* st = api.KernelInfoGetAttribute_string(info, "auto_pad", nullptr, &len);
+  if (st != nullptr) {
+    api.ReleaseStatus(st);
+  } else {
+    std::string auto_pad(len, '\0');
+    Ort::ThrowOnError(api.KernelInfoGetAttribute_string(info, "auto_pad", &auto_pad[0], &len));
+    auto_pad.resize(std::strlen(auto_pad.c_str()));
+    if (!auto_pad.empty() && auto_pad != "NOTSET")
+      throw Error("TernaryConv: auto_pad=" + auto_pad + " is not supported; write explicit pads");
+  }
+
+  // Constant initializers are decoded once here.
+  if (const OrtValue* packed = constant_input(api, info, 1)) {
+    TensorView<uint8_t> t = view_tensor<uint8_t>(packed, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "packed weights");
+    weights_ = decode_sparse(t.data, t.size, a_.K, a_.Cg * a_.kH * a_.kW, "TernaryConv");
+    const_weights_ = true;
+  }
+  if (const OrtValue* alpha = constant_input(api, info, 2)) {
+    alpha_ = read_vector(alpha, a_.K, "TernaryConv", "alpha");
+    const_alpha_ = true;
+  }
+  if (const OrtValue* bias = constant_input(api, info, 3)) {
+    bias_ = read_vector(bias, a_.K, "TernaryConv", "bias");
+    const_bias_ = true;
+  }
+}
+
+std::shared_ptr<const ConvPlan> TernaryConvKernel::plan_for(int64_t H, int64_t W, const SparseTernary& weights,
+                                                            bool cache) {
+  if (cache) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (plan_ && plan_->H == H && plan_->W == W) return plan_;
+  }
+  const ConvAttrs& a = a_;
+  auto plan = std::make_shared<ConvPlan>();
+  ConvPlan& p = *plan;
+  p.H = H;
+  p.W = W;
+  const int64_t Hp = H + a.pt + a.pb, Wp = W + a.pl + a.pr;
+  const int64_t eff_h = a.dh * (a.kH - 1) + 1, eff_w = a.dw * (a.kW - 1) + 1;
+  if (Hp < eff_h || Wp < eff_w)
+    throw Error("TernaryConv: padded input " + std::to_string(Hp) + "x" + std::to_string(Wp) +
+                " is smaller than the dilated kernel " + std::to_string(eff_h) + "x" + std::to_string(eff_w));
+  p.OH = (Hp - eff_h) / a.sh + 1;
+  p.OW = (Wp - eff_w) / a.sw + 1;
+  p.Hph = (Hp + a.sh - 1) / a.sh;
+  p.Wph = (Wp + a.sw - 1) / a.sw;
+  p.plane = p.Hph * p.Wph;
+
+  // Phase planes actually read by some kernel tap, and each tap's offset in a channel.
+  const int64_t taps = a.kH * a.kW;
+  std::vector<int64_t> tap_phase(taps), tap_shift(taps);
+  for (int64_t ky = 0; ky < a.kH; ++ky)
+    for (int64_t kx = 0; kx < a.kW; ++kx) {
+      const std::array<int64_t, 2> ph{(ky * a.dh) % a.sh, (kx * a.dw) % a.sw};
+      auto it = std::find(p.phases.begin(), p.phases.end(), ph);
+      if (it == p.phases.end()) it = p.phases.insert(p.phases.end(), ph);
+      tap_phase[ky * a.kW + kx] = it - p.phases.begin();
+      tap_shift[ky * a.kW + kx] = (ky * a.dh / a.sh) * p.Wph + (kx * a.dw / a.sw);
+    }
+  p.nph = static_cast<int64_t>(p.phases.size());
+  const int64_t max_shift = *std::max_element(tap_shift.begin(), tap_shift.end());
+
+  p.P = p.OH * p.Wph;
+  p.tiles = (p.P + kTile - 1) / kTile;
+  const double block = double(a.Cg) * p.nph * p.plane + double(max_shift) + double(p.tiles) * kTile + 16;
+  if (block > double(INT32_MAX) - 64)
+    throw Error("TernaryConv: input too large for one image (" + std::to_string(a.Cg) + " channels of " +
+                std::to_string(H) + "x" + std::to_string(W) + ")");
+  p.block = (a.Cg * p.nph * p.plane + max_shift + p.tiles * kTile + 16 + 15) / 16 * 16;
+
+  // Reduction blocks of cb input channels whose rows for one tile stay in L1.
+  const int64_t footprint = p.nph * (kTile + max_shift) * int64_t(sizeof(float));
+  p.cb = std::max<int64_t>(1, std::min<int64_t>(a.Cg, kL1Budget / std::max<int64_t>(footprint, 1)));
+  p.nblocks = (a.Cg + p.cb - 1) / p.cb;
+
+  p.refs.resize(static_cast<size_t>(p.nblocks * a.K));
+  p.offsets.reserve(weights.index.size());
+  const int64_t rows_per_block = p.cb * taps;
+  for (int64_t k = 0; k < a.K; ++k) {
+    const int32_t* plus = weights.index.data() + weights.start[k];
+    const int32_t* plus_end = plus + weights.nplus[k];
+    const int32_t* minus = plus_end;
+    const int32_t* minus_end = weights.index.data() + weights.start[k + 1];
+    for (int64_t b = 0; b < p.nblocks; ++b) {
+      const int64_t row_end = (b + 1) * rows_per_block;
+      ListRef& ref = p.refs[b * a.K + k];
+      ref.begin = static_cast<int32_t>(p.offsets.size());
+      auto emit = [&](int32_t r) {
+        const int64_t c = r / taps, tap = r % taps;
+        p.offsets.push_back(static_cast<int32_t>((c * p.nph + tap_phase[tap]) * p.plane + tap_shift[tap]));
+      };
+      int32_t n = 0;
+      for (; plus < plus_end && *plus < row_end; ++plus, ++n) emit(*plus);
+      ref.nplus = n;
+      n = 0;
+      for (; minus < minus_end && *minus < row_end; ++minus, ++n) emit(*minus);
+      ref.nminus = n;
+    }
+  }
+  if (cache) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    plan_ = plan;
+  }
+  return plan;
+}
+
+void TernaryConvKernel::Compute(OrtKernelContext* context) {
+  const OrtApi& api = Ort::GetApi();
+  Ort::KernelContext ctx(context);
+  const ConvAttrs& a = a_;
+
+  TensorView<float> x = view_tensor<float>(ctx.GetInput(0), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "X");
+  if (x.shape.size() != 4) throw Error("TernaryConv: X must be 4-D [N,C,H,W], got shape " + shape_str(x.shape));
+  const int64_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3];
+  if (C != a.Cg * a.group)
+    throw Error("TernaryConv: X has " + std::to_string(C) + " channels, but weight_shape[1] * group = " +
+                std::to_string(a.Cg) + " * " + std::to_string(a.group) + " = " + std::to_string(a.Cg * a.group));
+
+  SparseTernary runtime_weights;
+  const SparseTernary* weights = &weights_;
+  if (!const_weights_) {
+    TensorView<uint8_t> t = view_tensor<uint8_t>(ctx.GetInput(1), ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "packed");
+    runtime_weights = decode_sparse(t.data, t.size, a.K, a.Cg * a.kH * a.kW, "TernaryConv");
+    weights = &runtime_weights;
+  }
+  std::vector<float> runtime_alpha, runtime_bias;
+  const std::vector<float>* alpha = &alpha_;
+  if (!const_alpha_) {
+    runtime_alpha = read_vector(ctx.GetInput(2), a.K, "TernaryConv", "alpha");
+    alpha = &runtime_alpha;
+  }
+  const std::vector<float>* bias = &bias_;
+  if (!const_bias_) {
+    bias = nullptr;
+    if (ctx.GetInputCount() > 3) {
+      Ort::ConstValue b = ctx.GetInput(3);
+      if (b) {
+        runtime_bias = read_vector(b, a.K, "TernaryConv", "bias");
+        bias = &runtime_bias;
+      }
+    }
+  }
+
+  std::shared_ptr<const ConvPlan> plan_ptr = plan_for(H, W, *weights, const_weights_);
+  const ConvPlan& p = *plan_ptr;
+  std::vector<int64_t> out_shape{N, a.K, p.OH, p.OW};
+  Ort::UnownedValue y_value = ctx.GetOutput(0, out_shape);
+  float* y = y_value.GetTensorMutableData<float>();
+  if (N == 0 || p.OH == 0 || p.OW == 0) return;
+
+  const int64_t G = a.group, Cg = a.Cg, Kg = a.K / G;
+  float* buf = thread_scratch(static_cast<size_t>(N * G * p.block));
+  const float* xd = x.data;
+
+  // 1. Zero-padded phase planes, one work item per (image, channel).
+  auto fill = [&](size_t item) {
+    const int64_t n = int64_t(item) / C, cc = int64_t(item) % C;
+    const int64_t g = cc / Cg, c = cc % Cg;
+    const float* src = xd + (n * C + cc) * H * W;
+    float* blk = buf + (n * G + g) * p.block;
+    float* dst = blk + c * p.nph * p.plane;
+    for (int64_t ph = 0; ph < p.nph; ++ph) {
+      const int64_t ra = p.phases[ph][0], rb = p.phases[ph][1];
+      float* plane = dst + ph * p.plane;
+      for (int64_t i = 0; i < p.Hph; ++i) {
+        float* row = plane + i * p.Wph;
+        const int64_t sy = i * a.sh + ra - a.pt;
+        if (sy < 0 || sy >= H) {
+          std::memset(row, 0, sizeof(float) * p.Wph);
+          continue;
+        }
+        const float* srow = src + sy * W;
+        if (a.sw == 1) {
+          // Columns j with 0 <= j + rb - pl < W are copied, the rest are padding.
+          const int64_t j0 = std::min<int64_t>(p.Wph, std::max<int64_t>(0, a.pl - rb));
+          const int64_t j1 = std::max<int64_t>(j0, std::min<int64_t>(p.Wph, W + a.pl - rb));
+          std::memset(row, 0, sizeof(float) * j0);
+          if (j1 > j0) std::memcpy(row + j0, srow + (j0 + rb - a.pl), sizeof(float) * (j1 - j0));
+          std::memset(row + j1, 0, sizeof(float) * (p.Wph - j1));
+        } else {
+          for (int64_t j = 0; j < p.Wph; ++j) {
+            const int64_t sx = j * a.sw + rb - a.pl;
+            row[j] = (sx >= 0 && sx < W) ? srow[sx] : 0.0f;
+          }
+        }
+      }
+    }
+    if (c == Cg - 1) {  // the slack after the last plane (read by dropped outputs only)
+      float* tail = blk + Cg * p.nph * p.plane;
+      std::memset(tail, 0, sizeof(float) * (p.block - Cg * p.nph * p.plane));
+    }
+  };
+  parallel_for(context, static_cast<size_t>(N * C), fill);
+
+  // 2. Tiles of 64 outputs x 16 output channels, reduction in L1-sized blocks.
+  const AccumulateFn accumulate = accumulate_kernel();
+  const int64_t kchunks = (Kg + kChunk - 1) / kChunk;
+  const float* alpha_d = alpha->data();
+  const float* bias_d = bias ? bias->data() : nullptr;
+  auto work = [&](size_t item) {
+    int64_t rest = int64_t(item);
+    const int64_t kc = rest % kchunks;
+    rest /= kchunks;
+    const int64_t tile = rest % p.tiles;
+    rest /= p.tiles;
+    const int64_t g = rest % G, n = rest / G;
+    const int64_t k0 = g * Kg + kc * kChunk;
+    const int nk = static_cast<int>(std::min<int64_t>(kChunk, Kg - kc * kChunk));
+    const int64_t p0 = tile * kTile;
+    alignas(64) float partial[kChunk * kTile];
+    const float* xt = buf + (n * G + g) * p.block + p0;
+    for (int64_t b = 0; b < p.nblocks; ++b)
+      accumulate(xt, p.offsets.data(), &p.refs[b * a.K + k0], nk, partial, b == 0);
+    const int64_t p1 = std::min<int64_t>(p0 + kTile, p.P);
+    for (int kk = 0; kk < nk; ++kk) {
+      const int64_t k = k0 + kk;
+      const float al = alpha_d[k], bi = bias_d ? bias_d[k] : 0.0f;
+      const float* src = partial + kk * kTile - p0;
+      float* dst = y + (n * a.K + k) * p.OH * p.OW;
+      int64_t oy = p0 / p.Wph, ox = p0 % p.Wph;
+      for (int64_t q = p0; q < p1; ++q) {
+        if (ox < p.OW) dst[oy * p.OW + ox] = src[q] * al + bi;
+        if (++ox == p.Wph) {
+          ox = 0;
+          ++oy;
+        }
+      }
+    }
+  };
+  parallel_for(context, static_cast<size_t>(N * G * p.tiles * kchunks), work);
+  (void)api;
+}
+
+}  // namespace ocomp

@@ -1,0 +1,59 @@
+// TernaryConv (domain "ocomp", version 1):
+//   Y[N,K,OH,OW] = alpha[k] * (sum of X under +1 weights - sum under -1 weights) + bias[k]
+// Inputs: X float [N,C,H,W], packed uint8 [ceil(numel/4)], alpha float [K],
+// bias float [K] (optional). Attributes: weight_shape (K, C/group, kH, kW)
+// (required), kernel_shape, strides, pads (x1_begin, x2_begin, x1_end,
+// x2_end), dilations, group; defaults as ONNX Conv, no auto_pad.
+#pragma once
+
+#include <memory>
+#include <mutex>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace ocomp {
+
+struct ConvAttrs {
+  int64_t K = 0, Cg = 0, kH = 0, kW = 0, group = 1;
+  int64_t sh = 1, sw = 1, dh = 1, dw = 1;
+  int64_t pt = 0, pl = 0, pb = 0, pr = 0;
+};
+
+struct ConvPlan;
+
+struct TernaryConvKernel {
+  TernaryConvKernel(const OrtApi& api, const OrtKernelInfo* info);
+  void Compute(OrtKernelContext* context);
+  OrtStatus* ComputeV2(OrtKernelContext* context) {
+    return guarded(Ort::GetApi(), [&] { Compute(context); });
+  }
+
+ private:
+  std::shared_ptr<const ConvPlan> plan_for(int64_t H, int64_t W, const SparseTernary& weights, bool cache);
+
+  ConvAttrs a_;
+  bool const_weights_ = false, const_alpha_ = false, const_bias_ = false;
+  SparseTernary weights_;
+  std::vector<float> alpha_, bias_;
+  std::mutex mutex_;
+  std::shared_ptr<const ConvPlan> plan_;  // for the last input size seen (constant weights)
+};
+
+struct TernaryConvOp : Ort::CustomOpBase<TernaryConvOp, TernaryConvKernel, true> {
+  OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    return guarded(api, [&] { *kernel = new TernaryConvKernel(api, info); });
+  }
+  const char* GetName() const { return "TernaryConv"; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace ocomp

@@ -1,0 +1,209 @@
+// TernaryGemm / TernaryMatMul.
+//
+// Many rows (M >= kMinTiledRows): X is transposed into Xt[Kin][Mp] (Mp = M
+// rounded up to whole tiles) so that input i of 64 consecutive rows is 64
+// consecutive floats; then the conv accumulation kernel applies unchanged with
+// offset(i) = i * Mp. Few rows (e.g. a classifier head at batch 1): per output,
+// scalar sums over the decoded +1 and -1 index lists.
+#include "ternary_gemm.h"
+
+#include <algorithm>
+
+namespace ocomp {
+
+namespace {
+constexpr int64_t kMinTiledRows = 8;
+constexpr int64_t kRowsPerBlock = 64;  // reduction rows x 64 floats = 16 KB in L1
+constexpr int64_t kScalarChunk = 64;   // outputs per work item on the scalar path
+}  // namespace
+
+struct GemmPlan {
+  int64_t Mp = 0, nblocks = 0;
+  std::vector<int32_t> offsets;
+  std::vector<ListRef> refs;  // refs[b * N + n]
+};
+
+TernaryGemmKernel::TernaryGemmKernel(const OrtApi& api, const OrtKernelInfo* info, bool matmul) : matmul_(matmul) {
+  bool present = false;
+  std::vector<int64_t> ws = attr_ints(api, info, "weight_shape", &present);
+  if (!present) throw Error(std::string(name()) + ": attribute weight_shape (N, Kin) is required");
+  if (ws.size() != 2 || ws[0] <= 0 || ws[1] <= 0 || ws[0] > (int64_t{1} << 24) || ws[1] > (int64_t{1} << 24))
+    throw Error(std::string(name()) + ": weight_shape must be 2 values (N, Kin) in [1, 2^24], got " +
+                shape_str(ws));
+  N_ = ws[0];
+  Kin_ = ws[1];
+  if (const OrtValue* packed = constant_input(api, info, 1)) {
+    TensorView<uint8_t> t = view_tensor<uint8_t>(packed, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "packed weights");
+    weights_ = decode_sparse(t.data, t.size, N_, Kin_, name());
+    const_weights_ = true;
+  }
+  if (const OrtValue* alpha = constant_input(api, info, 2)) {
+    alpha_ = read_vector(alpha, N_, name(), "alpha");
+    const_alpha_ = true;
+  }
+  if (const OrtValue* bias = constant_input(api, info, 3)) {
+    bias_ = read_vector(bias, N_, name(), "bias");
+    const_bias_ = true;
+  }
+}
+
+std::shared_ptr<const GemmPlan> TernaryGemmKernel::plan_for(int64_t Mp, const SparseTernary& w, bool cache) {
+  if (cache) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (plan_ && plan_->Mp == Mp) return plan_;
+  }
+  auto plan = std::make_shared<GemmPlan>();
+  GemmPlan& p = *plan;
+  p.Mp = Mp;
+  p.nblocks = (Kin_ + kRowsPerBlock - 1) / kRowsPerBlock;
+  p.refs.resize(static_cast<size_t>(p.nblocks * N_));
+  p.offsets.reserve(w.index.size());
+  for (int64_t n = 0; n < N_; ++n) {
+    const int32_t* plus = w.index.data() + w.start[n];
+    const int32_t* plus_end = plus + w.nplus[n];
+    const int32_t* minus = plus_end;
+    const int32_t* minus_end = w.index.data() + w.start[n + 1];
+    for (int64_t b = 0; b < p.nblocks; ++b) {
+      const int64_t row_end = (b + 1) * kRowsPerBlock;
+      ListRef& ref = p.refs[b * N_ + n];
+      ref.begin = static_cast<int32_t>(p.offsets.size());
+      int32_t c = 0;
+      for (; plus < plus_end && *plus < row_end; ++plus, ++c) p.offsets.push_back(static_cast<int32_t>(*plus * Mp));
+      ref.nplus = c;
+      c = 0;
+      for (; minus < minus_end && *minus < row_end; ++minus, ++c)
+        p.offsets.push_back(static_cast<int32_t>(*minus * Mp));
+      ref.nminus = c;
+    }
+  }
+  if (cache) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    plan_ = plan;
+  }
+  return plan;
+}
+
+void TernaryGemmKernel::Compute(OrtKernelContext* context) {
+  Ort::KernelContext ctx(context);
+  const char* op = name();
+  TensorView<float> x = view_tensor<float>(ctx.GetInput(0), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "X");
+  if (matmul_) {
+    if (x.shape.empty()) throw Error(std::string(op) + ": X must have rank >= 1, got a scalar");
+  } else if (x.shape.size() != 2) {
+    throw Error(std::string(op) + ": X must be 2-D [M, Kin], got shape " + shape_str(x.shape));
+  }
+  if (x.shape.back() != Kin_)
+    throw Error(std::string(op) + ": X has " + std::to_string(x.shape.back()) +
+                " input features (last dim), but weight_shape[1] = " + std::to_string(Kin_));
+  const int64_t M = Kin_ > 0 ? x.size / Kin_ : 0;
+
+  SparseTernary runtime_weights;
+  const SparseTernary* w = &weights_;
+  if (!const_weights_) {
+    TensorView<uint8_t> t = view_tensor<uint8_t>(ctx.GetInput(1), ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "packed");
+    runtime_weights = decode_sparse(t.data, t.size, N_, Kin_, op);
+    w = &runtime_weights;
+  }
+  std::vector<float> runtime_alpha, runtime_bias;
+  const std::vector<float>* alpha = &alpha_;
+  if (!const_alpha_) {
+    runtime_alpha = read_vector(ctx.GetInput(2), N_, op, "alpha");
+    alpha = &runtime_alpha;
+  }
+  const std::vector<float>* bias = &bias_;
+  if (!const_bias_) {
+    bias = nullptr;
+    if (ctx.GetInputCount() > 3) {
+      Ort::ConstValue b = ctx.GetInput(3);
+      if (b) {
+        runtime_bias = read_vector(b, N_, op, "bias");
+        bias = &runtime_bias;
+      }
+    }
+  }
+
+  std::vector<int64_t> out_shape(x.shape.begin(), x.shape.end() - 1);
+  out_shape.push_back(N_);
+  Ort::UnownedValue y_value = ctx.GetOutput(0, out_shape);
+  float* y = y_value.GetTensorMutableData<float>();
+  if (M == 0) return;
+  const float* xd = x.data;
+  const float* alpha_d = alpha->data();
+  const float* bias_d = bias ? bias->data() : nullptr;
+  const int64_t N = N_, Kin = Kin_;
+
+  if (M < kMinTiledRows) {
+    const int64_t chunks = (N + kScalarChunk - 1) / kScalarChunk;
+    auto work = [&](size_t item) {
+      const int64_t n0 = int64_t(item) * kScalarChunk, n1 = std::min(N, n0 + kScalarChunk);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xr = xd + m * Kin;
+        for (int64_t n = n0; n < n1; ++n) {
+          const int32_t* idx = w->index.data() + w->start[n];
+          const int32_t np = w->nplus[n];
+          const int32_t nt = static_cast<int32_t>(w->start[n + 1] - w->start[n]);
+          float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+          int32_t i = 0;
+          for (; i + 4 <= np; i += 4) {
+            s0 += xr[idx[i]];
+            s1 += xr[idx[i + 1]];
+            s2 += xr[idx[i + 2]];
+            s3 += xr[idx[i + 3]];
+          }
+          for (; i < np; ++i) s0 += xr[idx[i]];
+          for (; i + 4 <= nt; i += 4) {
+            s0 -= xr[idx[i]];
+            s1 -= xr[idx[i + 1]];
+            s2 -= xr[idx[i + 2]];
+            s3 -= xr[idx[i + 3]];
+          }
+          for (; i < nt; ++i) s0 -= xr[idx[i]];
+          y[m * N + n] = ((s0 + s1) + (s2 + s3)) * alpha_d[n] + (bias_d ? bias_d[n] : 0.0f);
+        }
+      }
+    };
+    parallel_for(context, static_cast<size_t>(chunks), work);
+    return;
+  }
+
+  const int64_t tiles = (M + kTile - 1) / kTile;
+  const int64_t Mp = tiles * kTile;
+  if (double(Mp) * double(Kin) > double(INT32_MAX) - 64)
+    throw Error(std::string(op) + ": X too large (" + std::to_string(M) + " x " + std::to_string(Kin) + ")");
+  std::shared_ptr<const GemmPlan> plan_ptr = plan_for(Mp, *w, const_weights_);
+  const GemmPlan& p = *plan_ptr;
+  float* xt = thread_scratch(static_cast<size_t>(Mp * Kin));
+
+  // Transpose X into Xt[i][m], zero rows m >= M; blocks of 64 rows x 64 inputs.
+  const int64_t ib = (Kin + 63) / 64;
+  auto transpose = [&](size_t item) {
+    const int64_t tile = int64_t(item) / ib, i0 = (int64_t(item) % ib) * 64;
+    const int64_t i1 = std::min(Kin, i0 + 64), m0 = tile * kTile, m1 = std::min(M, m0 + kTile);
+    for (int64_t i = i0; i < i1; ++i) {
+      float* dst = xt + i * Mp;
+      for (int64_t m = m0; m < m1; ++m) dst[m] = xd[m * Kin + i];
+      for (int64_t m = m1; m < m0 + kTile; ++m) dst[m] = 0.0f;
+    }
+  };
+  parallel_for(context, static_cast<size_t>(tiles * ib), transpose);
+
+  const AccumulateFn accumulate = accumulate_kernel();
+  const int64_t nchunks = (N + kChunk - 1) / kChunk;
+  auto work = [&](size_t item) {
+    const int64_t tile = int64_t(item) / nchunks, nc = int64_t(item) % nchunks;
+    const int64_t n0 = nc * kChunk;
+    const int nk = static_cast<int>(std::min<int64_t>(kChunk, N - n0));
+    const int64_t m0 = tile * kTile, m1 = std::min(M, m0 + kTile);
+    alignas(64) float partial[kChunk * kTile];
+    for (int64_t b = 0; b < p.nblocks; ++b)
+      accumulate(xt + m0, p.offsets.data(), &p.refs[b * N + n0], nk, partial, b == 0);
+    for (int kk = 0; kk < nk; ++kk) {
+      const int64_t n = n0 + kk;
+      const float al = alpha_d[n], bi = bias_d ? bias_d[n] : 0.0f;
+      for (int64_t m = m0; m < m1; ++m) y[m * N + n] = partial[kk * kTile + (m - m0)] * al + bi;
+    }
+  };
+  parallel_for(context, static_cast<size_t>(tiles * nchunks), work);
+}
+
+}  // namespace ocomp
