@@ -23,15 +23,16 @@ struct ListRef {
   int32_t nminus;
 };
 
-// partial (nk x kTile floats, 64-byte aligned) = (first ? 0 : partial) + lists.
+// partial (nk x kTile floats, 64-byte aligned) = (first ? 0 : partial) + lists,
+// for the first npix (64 or 32: a last, short tile) outputs of each row.
 using AccumulateFn = void (*)(const float* x, const int32_t* offsets, const ListRef* refs, int nk, float* partial,
-                              bool first);
+                              bool first, int npix);
 
 namespace generic {
-void accumulate(const float* x, const int32_t* offsets, const ListRef* refs, int nk, float* partial, bool first);
+void accumulate(const float* x, const int32_t* offsets, const ListRef* refs, int nk, float* partial, bool first, int npix);
 }
 namespace avx2 {
-void accumulate(const float* x, const int32_t* offsets, const ListRef* refs, int nk, float* partial, bool first);
+void accumulate(const float* x, const int32_t* offsets, const ListRef* refs, int nk, float* partial, bool first, int npix);
 }
 
 // The best variant this CPU supports (decided once).

@@ -40,8 +40,9 @@ const char* accumulate_isa() { return accumulate_kernel() == &generic::accumulat
 // Non-x86 builds: the avx2 entry point exists only to satisfy the declaration.
 namespace ocomp {
 namespace avx2 {
-void accumulate(const float* x, const int32_t* offsets, const ListRef* refs, int nk, float* partial, bool first) {
-  generic::accumulate(x, offsets, refs, nk, partial, first);
+void accumulate(const float* x, const int32_t* offsets, const ListRef* refs, int nk, float* partial, bool first,
+                int npix) {
+  generic::accumulate(x, offsets, refs, nk, partial, first, npix);
 }
 }  // namespace avx2
 }  // namespace ocomp

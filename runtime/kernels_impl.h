@@ -35,15 +35,18 @@ inline void run_lists(const float* __restrict x, const int32_t* __restrict offs,
 
 }  // namespace
 
-void accumulate(const float* x, const int32_t* offsets, const ListRef* refs, int nk, float* partial, bool first) {
+void accumulate(const float* x, const int32_t* offsets, const ListRef* refs, int nk, float* partial, bool first,
+                int npix) {
   constexpr int kPass = 8 * OCOMP_KERNEL_VECTORS;
-  static_assert(kTile % kPass == 0, "tile must be a multiple of the pass width");
+  static_assert(kTile % kPass == 0 && kPass % 32 == 0, "tile must be a multiple of the pass width");
   for (int k = 0; k < nk; ++k) {
     const ListRef r = refs[k];
     float* out = partial + k * kTile;
+    int p = 0;
 #pragma GCC unroll 1
-    for (int p = 0; p < kTile; p += kPass)
+    for (; p + kPass <= npix; p += kPass)
       run_lists<OCOMP_KERNEL_VECTORS>(x + p, offsets + r.begin, r.nplus, r.nminus, out + p, first);
+    if (p < npix) run_lists<4>(x + p, offsets + r.begin, r.nplus, r.nminus, out + p, first);  // 32 left
   }
 }
 

@@ -258,19 +258,21 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
           continue;
         }
         const float* srow = src + sy * W;
+        // Columns j with 0 <= j*sw + rb - pl < W come from the input, the rest are padding.
+        const int64_t j0 = std::min<int64_t>(p.Wph, std::max<int64_t>(0, (a.pl - rb + a.sw - 1) / a.sw));
+        const int64_t j1 = std::max<int64_t>(j0, std::min<int64_t>(p.Wph, (W + a.pl - rb + a.sw - 1) / a.sw));
+        std::memset(row, 0, sizeof(float) * j0);
         if (a.sw == 1) {
-          // Columns j with 0 <= j + rb - pl < W are copied, the rest are padding.
-          const int64_t j0 = std::min<int64_t>(p.Wph, std::max<int64_t>(0, a.pl - rb));
-          const int64_t j1 = std::max<int64_t>(j0, std::min<int64_t>(p.Wph, W + a.pl - rb));
-          std::memset(row, 0, sizeof(float) * j0);
           if (j1 > j0) std::memcpy(row + j0, srow + (j0 + rb - a.pl), sizeof(float) * (j1 - j0));
-          std::memset(row + j1, 0, sizeof(float) * (p.Wph - j1));
+        } else if (a.sw == 2) {  // constant stride: GCC vectorizes the de-interleave
+          const float* __restrict s0 = srow + (j0 * 2 + rb - a.pl);
+          float* __restrict d0 = row + j0;
+          for (int64_t j = 0; j < j1 - j0; ++j) d0[j] = s0[2 * j];
         } else {
-          for (int64_t j = 0; j < p.Wph; ++j) {
-            const int64_t sx = j * a.sw + rb - a.pl;
-            row[j] = (sx >= 0 && sx < W) ? srow[sx] : 0.0f;
-          }
+          const float* s0 = srow + (j0 * a.sw + rb - a.pl);
+          for (int64_t j = 0; j < j1 - j0; ++j) row[j0 + j] = s0[j * a.sw];
         }
+        std::memset(row + j1, 0, sizeof(float) * (p.Wph - j1));
       }
     }
     if (c == Cg - 1) {  // the slack after the last plane (read by dropped outputs only)
@@ -297,21 +299,24 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
     const int64_t p0 = tile * kTile;
     alignas(64) float partial[kChunk * kTile];
     const float* xt = buf + (n * G + g) * p.block + p0;
-    for (int64_t b = 0; b < p.nblocks; ++b)
-      accumulate(xt, p.offsets.data(), &p.refs[b * a.K + k0], nk, partial, b == 0);
     const int64_t p1 = std::min<int64_t>(p0 + kTile, p.P);
+    const int npix = p1 - p0 <= kTile / 2 ? kTile / 2 : kTile;
+    for (int64_t b = 0; b < p.nblocks; ++b)
+      accumulate(xt, p.offsets.data(), &p.refs[b * a.K + k0], nk, partial, b == 0, npix);
     for (int kk = 0; kk < nk; ++kk) {
       const int64_t k = k0 + kk;
       const float al = alpha_d[k], bi = bias_d ? bias_d[k] : 0.0f;
       const float* src = partial + kk * kTile - p0;
       float* dst = y + (n * a.K + k) * p.OH * p.OW;
-      int64_t oy = p0 / p.Wph, ox = p0 % p.Wph;
-      for (int64_t q = p0; q < p1; ++q) {
-        if (ox < p.OW) dst[oy * p.OW + ox] = src[q] * al + bi;
-        if (++ox == p.Wph) {
-          ox = 0;
-          ++oy;
-        }
+      // Row segments of the tile; columns ox >= OW are dropped.
+      for (int64_t q = p0; q < p1;) {
+        const int64_t oy = q / p.Wph, ox = q - oy * p.Wph;
+        const int64_t seg_end = std::min(p1, q - ox + p.Wph);
+        const int64_t valid = std::max<int64_t>(0, std::min(seg_end - q, p.OW - ox));
+        float* __restrict out = dst + oy * p.OW + ox;
+        const float* __restrict in = src + q;
+        for (int64_t i = 0; i < valid; ++i) out[i] = in[i] * al + bi;
+        q = seg_end;
       }
     }
   };
