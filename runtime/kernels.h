@@ -24,7 +24,8 @@ struct ListRef {
 };
 
 // partial (nk x kTile floats, 64-byte aligned) = (first ? 0 : partial) + lists,
-// for the first npix (64 or 32: a last, short tile) outputs of each row.
+// for the first npix (a multiple of 8, <= kTile; a last tile may be short)
+// outputs of each row.
 using AccumulateFn = void (*)(const float* x, const int32_t* offsets, const ListRef* refs, int nk, float* partial,
                               bool first, int npix);
 

@@ -38,7 +38,7 @@ inline void run_lists(const float* __restrict x, const int32_t* __restrict offs,
 void accumulate(const float* x, const int32_t* offsets, const ListRef* refs, int nk, float* partial, bool first,
                 int npix) {
   constexpr int kPass = 8 * OCOMP_KERNEL_VECTORS;
-  static_assert(kTile % kPass == 0 && kPass % 32 == 0, "tile must be a multiple of the pass width");
+  static_assert(kTile % kPass == 0 && kPass <= 64, "tile must be a multiple of the pass width");
   for (int k = 0; k < nk; ++k) {
     const ListRef r = refs[k];
     float* out = partial + k * kTile;
@@ -46,7 +46,18 @@ void accumulate(const float* x, const int32_t* offsets, const ListRef* refs, int
 #pragma GCC unroll 1
     for (; p + kPass <= npix; p += kPass)
       run_lists<OCOMP_KERNEL_VECTORS>(x + p, offsets + r.begin, r.nplus, r.nminus, out + p, first);
-    if (p < npix) run_lists<4>(x + p, offsets + r.begin, r.nplus, r.nminus, out + p, first);  // 32 left
+    // A short last tile: as many 8-wide vectors as it needs.
+    const int* o = offsets + r.begin;
+    switch ((npix - p) / 8) {
+      case 0: break;
+      case 1: run_lists<1>(x + p, o, r.nplus, r.nminus, out + p, first); break;
+      case 2: run_lists<2>(x + p, o, r.nplus, r.nminus, out + p, first); break;
+      case 3: run_lists<3>(x + p, o, r.nplus, r.nminus, out + p, first); break;
+      case 4: run_lists<4>(x + p, o, r.nplus, r.nminus, out + p, first); break;
+      case 5: run_lists<5>(x + p, o, r.nplus, r.nminus, out + p, first); break;
+      case 6: run_lists<6>(x + p, o, r.nplus, r.nminus, out + p, first); break;
+      default: run_lists<7>(x + p, o, r.nplus, r.nminus, out + p, first); break;
+    }
   }
 }
 

@@ -300,7 +300,7 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
     alignas(64) float partial[kChunk * kTile];
     const float* xt = buf + (n * G + g) * p.block + p0;
     const int64_t p1 = std::min<int64_t>(p0 + kTile, p.P);
-    const int npix = p1 - p0 <= kTile / 2 ? kTile / 2 : kTile;
+    const int npix = static_cast<int>((p1 - p0 + 7) / 8 * 8);
     for (int64_t b = 0; b < p.nblocks; ++b)
       accumulate(xt, p.offsets.data(), &p.refs[b * a.K + k0], nk, partial, b == 0, npix);
     for (int kk = 0; kk < nk; ++kk) {

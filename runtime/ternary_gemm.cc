@@ -195,7 +195,7 @@ void TernaryGemmKernel::Compute(OrtKernelContext* context) {
     const int nk = static_cast<int>(std::min<int64_t>(kChunk, N - n0));
     const int64_t m0 = tile * kTile, m1 = std::min(M, m0 + kTile);
     alignas(64) float partial[kChunk * kTile];
-    const int npix = m1 - m0 <= kTile / 2 ? kTile / 2 : kTile;
+    const int npix = static_cast<int>((m1 - m0 + 7) / 8 * 8);
     for (int64_t b = 0; b < p.nblocks; ++b)
       accumulate(xt + m0, p.offsets.data(), &p.refs[b * N + n0], nk, partial, b == 0, npix);
     for (int kk = 0; kk < nk; ++kk) {
