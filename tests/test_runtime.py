@@ -160,6 +160,21 @@ def test_conv_resnet_shapes(c, k, hw, ks, stride, pad):
     assert_close(run_ternary(model, {"X": x}), ref)
 
 
+@pytest.mark.parametrize(
+    "h,w,kh,kw,strides,pads,dilations",
+    [(12, 28, 5, 5, (1, 1), (2, 1, 0, 3), (1, 1)),   # padded width 32: aligned, 5 column copies
+     (13, 20, 3, 3, (2, 1), (0, 2, 1, 2), (2, 2)),   # width 24, row stride 2, dilated
+     (9, 14, 1, 7, (1, 1), (0, 1, 0, 1), (1, 1)),    # width 16
+     (9, 22, 3, 3, (1, 1), (1, 1, 1, 1), (1, 3))],   # width 24, column dilation 3
+)
+def test_conv_aligned_layout(h, w, kh, kw, strides, pads, dilations):
+    """Stride-1 rows whose padded width rounds to 8 floats use the aligned, column-shifted layout."""
+    require_library()
+    rng = np.random.default_rng(h * w)
+    model, x, ref = conv_case(rng, 2, 5, 20, 1, h, w, kh, kw, strides, pads, dilations)
+    assert_close(run_ternary(model, {"X": x}), ref)
+
+
 def test_conv_runtime_weights():
     """packed/alpha/bias as graph inputs (decoded per call), not initializers."""
     require_library()
