@@ -4,10 +4,15 @@
 // rounded up to whole tiles) so that input i of 64 consecutive rows is 64
 // consecutive floats; then the conv accumulation kernel applies unchanged with
 // offset(i) = i * Mp. Few rows (e.g. a classifier head at batch 1): per output,
-// scalar sums over the decoded +1 and -1 index lists.
+// lookup tables: for every group of 4 inputs a 256-entry table holds all the
+// signed sums +-x0 +-x1 +-x2 +-x3 indexed by the 2-bit code byte, so each
+// output adds one table entry per 4 weights (adds only; tables are built with
+// adds too). Very long rows fall back to scalar sums over the index lists.
 #include "ternary_gemm.h"
 
 #include <algorithm>
+
+#include "packing.h"
 
 namespace ocomp {
 
@@ -15,6 +20,30 @@ namespace {
 constexpr int64_t kMinTiledRows = 8;
 constexpr int64_t kRowsPerBlock = 64;  // reduction rows x 64 floats = 16 KB in L1
 constexpr int64_t kScalarChunk = 64;   // outputs per work item on the scalar path
+constexpr int64_t kMaxTableFloats = int64_t{4} << 20;  // lookup tables up to 16 MB
+
+// Row-aligned code bytes: row n's weights start at a byte boundary.
+std::vector<uint8_t> row_codes(const uint8_t* packed, int64_t rows, int64_t cols) {
+  const int64_t bytes = (cols + 3) / 4;
+  std::vector<uint8_t> out(static_cast<size_t>(rows * bytes), 0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      out[r * bytes + c / 4] |= static_cast<uint8_t>(code_at(packed, r * cols + c) << (2 * (c % 4)));
+  return out;
+}
+
+// table[b] = sum over the 4 slots of (+x, -x or 0 by code), for every byte b.
+inline void build_table(const float* x4, float* table) {
+  float lo[16], hi[16];
+  const float v0[4] = {0.0f, x4[0], -x4[0], 0.0f}, v1[4] = {0.0f, x4[1], -x4[1], 0.0f};
+  const float v2[4] = {0.0f, x4[2], -x4[2], 0.0f}, v3[4] = {0.0f, x4[3], -x4[3], 0.0f};
+  for (int b = 0; b < 16; ++b) {
+    lo[b] = v0[b & 3] + v1[b >> 2];
+    hi[b] = v2[b & 3] + v3[b >> 2];
+  }
+  for (int h = 0; h < 16; ++h)
+    for (int l = 0; l < 16; ++l) table[h * 16 + l] = lo[l] + hi[h];
+}
 }  // namespace
 
 struct GemmPlan {
@@ -35,6 +64,7 @@ TernaryGemmKernel::TernaryGemmKernel(const OrtApi& api, const OrtKernelInfo* inf
   if (const OrtValue* packed = constant_input(api, info, 1)) {
     TensorView<uint8_t> t = view_tensor<uint8_t>(packed, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "packed weights");
     weights_ = decode_sparse(t.data, t.size, N_, Kin_, name());
+    row_codes_ = row_codes(t.data, N_, Kin_);
     const_weights_ = true;
   }
   if (const OrtValue* alpha = constant_input(api, info, 2)) {
@@ -99,10 +129,14 @@ void TernaryGemmKernel::Compute(OrtKernelContext* context) {
 
   SparseTernary runtime_weights;
   const SparseTernary* w = &weights_;
+  std::vector<uint8_t> codes_buffer;
+  const std::vector<uint8_t>* codes = &row_codes_;
   if (!const_weights_) {
     TensorView<uint8_t> t = view_tensor<uint8_t>(ctx.GetInput(1), ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "packed");
     runtime_weights = decode_sparse(t.data, t.size, N_, Kin_, op);
     w = &runtime_weights;
+    codes_buffer = row_codes(t.data, N_, Kin_);
+    codes = &codes_buffer;
   }
   std::vector<float> runtime_alpha, runtime_bias;
   const std::vector<float>* alpha = &alpha_;
@@ -131,6 +165,48 @@ void TernaryGemmKernel::Compute(OrtKernelContext* context) {
   const float* alpha_d = alpha->data();
   const float* bias_d = bias ? bias->data() : nullptr;
   const int64_t N = N_, Kin = Kin_;
+
+  const int64_t groups = (Kin + 3) / 4;
+  if (M < kMinTiledRows && M * groups * 256 <= kMaxTableFloats) {
+    float* tables = thread_scratch(static_cast<size_t>(M * groups * 256));
+    auto build = [&](size_t item) {
+      const int64_t m = int64_t(item) / groups, g = int64_t(item) % groups;
+      float x4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int64_t j = 0; j < 4 && 4 * g + j < Kin; ++j) x4[j] = xd[m * Kin + 4 * g + j];
+      build_table(x4, tables + (m * groups + g) * 256);
+    };
+    parallel_for(context, static_cast<size_t>(M * groups), build);
+    const uint8_t* code_d = codes->data();
+    const int64_t chunks = (N + kScalarChunk - 1) / kScalarChunk;
+    auto work = [&](size_t item) {
+      const int64_t n0 = int64_t(item) * kScalarChunk, n1 = std::min(N, n0 + kScalarChunk);
+      // Blocks of 16 groups: their tables (16 KB) stay in L1 while every
+      // output of the chunk adds its 16 entries.
+      float acc[kScalarChunk];
+      for (int64_t m = 0; m < M; ++m) {
+        const float* tm = tables + m * groups * 256;
+        std::fill(acc, acc + (n1 - n0), 0.0f);
+        for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+          const int64_t g1 = std::min(groups, g0 + 16);
+          for (int64_t n = n0; n < n1; ++n) {
+            const uint8_t* row = code_d + n * groups;
+            float s0 = 0, s1 = 0;
+            int64_t g = g0;
+            for (; g + 2 <= g1; g += 2) {
+              s0 += tm[g * 256 + row[g]];
+              s1 += tm[(g + 1) * 256 + row[g + 1]];
+            }
+            if (g < g1) s0 += tm[g * 256 + row[g]];
+            acc[n - n0] += s0 + s1;
+          }
+        }
+        for (int64_t n = n0; n < n1; ++n)
+          y[m * N + n] = acc[n - n0] * alpha_d[n] + (bias_d ? bias_d[n] : 0.0f);
+      }
+    };
+    parallel_for(context, static_cast<size_t>(chunks), work);
+    return;
+  }
 
   if (M < kMinTiledRows) {
     const int64_t chunks = (N + kScalarChunk - 1) / kScalarChunk;

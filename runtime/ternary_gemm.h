@@ -29,6 +29,7 @@ struct TernaryGemmKernel {
   int64_t N_ = 0, Kin_ = 0;
   bool const_weights_ = false, const_alpha_ = false, const_bias_ = false;
   SparseTernary weights_;
+  std::vector<uint8_t> row_codes_;  // per output row, ceil(Kin/4) bytes of 2-bit codes (lookup path)
   std::vector<float> alpha_, bias_;
   std::mutex mutex_;
   std::shared_ptr<const GemmPlan> plan_;
