@@ -25,6 +25,7 @@ constexpr int64_t kMaxAttr = 1 << 16;     // sanity bound for kernel/stride/dila
 constexpr int64_t kL1Budget = 16 * 1024;  // bytes of input rows a reduction block may touch
 // Aligned mode when rows padded to 8 floats are at most this % of the natural width.
 constexpr int64_t kAlignedMaxWastePercent = 110;
+constexpr int64_t kMinItems = 32;  // work items per run, for load balance over the intra-op threads
 
 // ceil(a / b) for b > 0 and any sign of a.
 inline int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
@@ -321,42 +322,51 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
   // 2. Tiles of 64 outputs x 16 output channels, reduction in L1-sized blocks.
   const AccumulateFn accumulate = accumulate_kernel();
   const int64_t kchunks = (Kg + kChunk - 1) / kChunk;
+  // A work item covers several 16-channel chunks of one tile, so a core reuses
+  // the tile's input rows from its own L2; items stay numerous enough
+  // (>= kMinItems) to balance the threads.
+  const int64_t tiles_total = N * G * p.tiles;
+  const int64_t kgroups = std::min(kchunks, std::max<int64_t>(1, (kMinItems + tiles_total - 1) / tiles_total));
+  const int64_t chunks_per_item = (kchunks + kgroups - 1) / kgroups;
   const float* alpha_d = alpha->data();
   const float* bias_d = bias ? bias->data() : nullptr;
   auto work = [&](size_t item) {
     int64_t rest = int64_t(item);
-    const int64_t kc = rest % kchunks;
-    rest /= kchunks;
+    const int64_t kgroup = rest % kgroups;
+    rest /= kgroups;
     const int64_t tile = rest % p.tiles;
     rest /= p.tiles;
     const int64_t g = rest % G, n = rest / G;
-    const int64_t k0 = g * Kg + kc * kChunk;
-    const int nk = static_cast<int>(std::min<int64_t>(kChunk, Kg - kc * kChunk));
     const int64_t p0 = tile * kTile;
-    alignas(64) float partial[kChunk * kTile];
     const float* xt = buf + (n * G + g) * p.block + p0;
     const int64_t p1 = std::min<int64_t>(p0 + kTile, p.P);
     const int npix = static_cast<int>((p1 - p0 + 7) / 8 * 8);
-    for (int64_t b = 0; b < p.nblocks; ++b)
-      accumulate(xt, p.offsets.data(), &p.refs[b * a.K + k0], nk, partial, b == 0, npix);
-    for (int kk = 0; kk < nk; ++kk) {
-      const int64_t k = k0 + kk;
-      const float al = alpha_d[k], bi = bias_d ? bias_d[k] : 0.0f;
-      const float* src = partial + kk * kTile - p0;
-      float* dst = y + (n * a.K + k) * p.OH * p.OW;
-      // Row segments of the tile; columns ox >= OW are dropped.
-      for (int64_t q = p0; q < p1;) {
-        const int64_t oy = q / p.Wrow, ox = q - oy * p.Wrow;
-        const int64_t seg_end = std::min(p1, q - ox + p.Wrow);
-        const int64_t valid = std::max<int64_t>(0, std::min(seg_end - q, p.OW - ox));
-        float* __restrict out = dst + oy * p.OW + ox;
-        const float* __restrict in = src + q;
-        for (int64_t i = 0; i < valid; ++i) out[i] = in[i] * al + bi;
-        q = seg_end;
+    alignas(64) float partial[kChunk * kTile];
+    const int64_t kc_end = std::min(kchunks, (kgroup + 1) * chunks_per_item);
+    for (int64_t kc = kgroup * chunks_per_item; kc < kc_end; ++kc) {
+      const int64_t k0 = g * Kg + kc * kChunk;
+      const int nk = static_cast<int>(std::min<int64_t>(kChunk, Kg - kc * kChunk));
+      for (int64_t b = 0; b < p.nblocks; ++b)
+        accumulate(xt, p.offsets.data(), &p.refs[b * a.K + k0], nk, partial, b == 0, npix);
+      for (int kk = 0; kk < nk; ++kk) {
+        const int64_t k = k0 + kk;
+        const float al = alpha_d[k], bi = bias_d ? bias_d[k] : 0.0f;
+        const float* src = partial + kk * kTile - p0;
+        float* dst = y + (n * a.K + k) * p.OH * p.OW;
+        // Row segments of the tile; columns ox >= OW are dropped.
+        for (int64_t q = p0; q < p1;) {
+          const int64_t oy = q / p.Wrow, ox = q - oy * p.Wrow;
+          const int64_t seg_end = std::min(p1, q - ox + p.Wrow);
+          const int64_t valid = std::max<int64_t>(0, std::min(seg_end - q, p.OW - ox));
+          float* __restrict out = dst + oy * p.OW + ox;
+          const float* __restrict in = src + q;
+          for (int64_t i = 0; i < valid; ++i) out[i] = in[i] * al + bi;
+          q = seg_end;
+        }
       }
     }
   };
-  parallel_for(context, static_cast<size_t>(N * G * p.tiles * kchunks), work);
+  parallel_for(context, static_cast<size_t>(tiles_total * kgroups), work);
   (void)api;
 }
 
