@@ -168,6 +168,9 @@ def compare(path_a: str | os.PathLike, path_b: str | os.PathLike, inputs: str | 
     for i, name in enumerate(names_a):
         a = np.concatenate([o[i] for o in outs_a]) if outs_a else np.zeros(0)
         b = np.concatenate([o[i] for o in outs_b]) if outs_b else np.zeros(0)
+        if a.shape != b.shape:
+            raise OcompError(f"output '{name}' has shape {a.shape} in {path_a} but {b.shape} in {path_b}; "
+                             "the models cannot be compared")
         results[name] = compare_outputs(a, b)
     return results, count
 
@@ -181,6 +184,8 @@ def evaluate(path: str | os.PathLike, data: str | os.PathLike, reference: str | 
     model = load_model(path, input_shapes, require_static=False)
     ref = load_model(reference, input_shapes, require_static=False) if reference is not None else None
     dataset = _open_data(data, model, data_options)
+    if not dataset.has_labels and ref is None:
+        raise OcompError(f"{data}: the data has no labels; give --reference to measure fidelity instead")
     return run_evaluation(model, dataset, reference=ref, progress=progress)
 
 
