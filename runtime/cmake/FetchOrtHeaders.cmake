@@ -7,7 +7,11 @@
 #      subdir ort-headers),
 #   4. Debian trixie's libonnxruntime-dev fetched with `apt-get download`
 #      through a private sources list, state and cache (the system's apt
-#      configuration is never modified), unpacked with `dpkg-deb -x`.
+#      configuration is never modified), unpacked with `dpkg-deb -x`;
+#      where that cannot work (no apt-get/dpkg-deb or Debian keyring, e.g.
+#      Ubuntu or non-Debian CI), the same package at a pinned version is
+#      downloaded from the mirror's pool, checked against its SHA-256 and
+#      unpacked by CMake itself.
 # Fails with one FATAL_ERROR saying how to provide the headers.
 
 set(ORT_INCLUDE_DIR "" CACHE PATH "Directory containing onnxruntime_cxx_api.h")
@@ -20,9 +24,14 @@ function(_ocomp_header_dir_ok dir out)
   endif()
 endfunction()
 
-# Debian mirror the system already uses (so a local/proxy mirror is reused);
-# falls back to deb.debian.org.
+# Debian mirror: $OCOMP_DEBIAN_MIRROR, else the one the system already uses
+# (so a local/proxy mirror is reused), else deb.debian.org.
 function(_ocomp_debian_mirror out)
+  if(DEFINED ENV{OCOMP_DEBIAN_MIRROR} AND NOT "$ENV{OCOMP_DEBIAN_MIRROR}" STREQUAL "")
+    string(REGEX REPLACE "/+$" "" mirror "$ENV{OCOMP_DEBIAN_MIRROR}")
+    set(${out} "${mirror}" PARENT_SCOPE)
+    return()
+  endif()
   set(mirror "")
   file(GLOB source_files "/etc/apt/sources.list.d/*.sources" "/etc/apt/sources.list.d/*.list")
   if(EXISTS "/etc/apt/sources.list")
@@ -49,6 +58,10 @@ endfunction()
 
 function(_ocomp_fetch_debian_headers cache_root out_dir out_log)
   set(log "")
+  if(DEFINED ENV{OCOMP_HEADERS_NO_APT} AND NOT "$ENV{OCOMP_HEADERS_NO_APT}" STREQUAL "")
+    set(${out_log} "OCOMP_HEADERS_NO_APT is set" PARENT_SCOPE)
+    return()
+  endif()
   find_program(OCOMP_APT_GET apt-get)
   find_program(OCOMP_DPKG_DEB dpkg-deb)
   set(keyring "/usr/share/keyrings/debian-archive-keyring.gpg")
@@ -111,15 +124,61 @@ function(_ocomp_fetch_debian_headers cache_root out_dir out_log)
     set(${out_log} "dpkg-deb -x ${deb} failed (${rc}): ${err}" PARENT_SCOPE)
     return()
   endif()
-  # Publish atomically: concurrent builds may race here; the first rename wins.
   get_filename_component(deb_name "${deb}" NAME)
-  file(WRITE "${work}/root/SOURCE" "${mirror} trixie ${deb_name}\n")
-  if(NOT EXISTS "${cache_root}/ort-headers/usr/include/onnxruntime/onnxruntime_cxx_api.h")
-    file(REMOVE_RECURSE "${cache_root}/ort-headers")
-    file(RENAME "${work}/root" "${cache_root}/ort-headers")
-  endif()
+  _ocomp_publish_headers("${work}/root" "${cache_root}" "${mirror} trixie ${deb_name}")
   file(REMOVE_RECURSE "${work}")
   set(${out_dir} "${cache_root}/ort-headers/usr/include/onnxruntime" PARENT_SCOPE)
+  set(${out_log} "" PARENT_SCOPE)
+endfunction()
+
+# Debian trixie libonnxruntime-dev pinned for the fallback download (headers
+# are architecture independent, so the amd64 package serves every target).
+set(_OCOMP_PINNED_DEB "libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb")
+set(_OCOMP_PINNED_SHA256 "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
+
+function(_ocomp_publish_headers work_root cache_root source)
+  file(WRITE "${work_root}/SOURCE" "${source}\n")
+  # Concurrent builds may race here; the first one to publish wins.
+  if(NOT EXISTS "${cache_root}/ort-headers/usr/include/onnxruntime/onnxruntime_cxx_api.h")
+    file(REMOVE_RECURSE "${cache_root}/ort-headers")
+    file(RENAME "${work_root}" "${cache_root}/ort-headers")
+  endif()
+endfunction()
+
+function(_ocomp_download_pinned_headers cache_root out_log)
+  _ocomp_debian_mirror(mirror)
+  string(RANDOM LENGTH 8 tag)
+  set(work "${cache_root}/dl-${tag}")
+  file(REMOVE_RECURSE "${work}")
+  set(url "${mirror}/pool/main/o/onnxruntime/${_OCOMP_PINNED_DEB}")
+  message(STATUS "ocomp: downloading ${url}")
+  # Hash checked by hand: EXPECTED_HASH would raise its own error on failure.
+  file(DOWNLOAD "${url}" "${work}/${_OCOMP_PINNED_DEB}" TIMEOUT 300 STATUS status)
+  list(GET status 0 code)
+  if(NOT code EQUAL 0)
+    file(REMOVE_RECURSE "${work}")
+    set(${out_log} "download of ${url} failed: ${status}" PARENT_SCOPE)
+    return()
+  endif()
+  file(SHA256 "${work}/${_OCOMP_PINNED_DEB}" sha256)
+  if(NOT sha256 STREQUAL _OCOMP_PINNED_SHA256)
+    file(REMOVE_RECURSE "${work}")
+    set(${out_log} "${url} has SHA-256 ${sha256}, expected ${_OCOMP_PINNED_SHA256}" PARENT_SCOPE)
+    return()
+  endif()
+  file(ARCHIVE_EXTRACT INPUT "${work}/${_OCOMP_PINNED_DEB}" DESTINATION "${work}/ar")
+  file(GLOB data "${work}/ar/data.tar*")
+  if(data)
+    file(ARCHIVE_EXTRACT INPUT "${data}" DESTINATION "${work}/root")
+  endif()
+  _ocomp_header_dir_ok("${work}/root/usr/include/onnxruntime" ok)
+  if(NOT ok)
+    file(REMOVE_RECURSE "${work}")
+    set(${out_log} "${_OCOMP_PINNED_DEB} did not contain the headers" PARENT_SCOPE)
+    return()
+  endif()
+  _ocomp_publish_headers("${work}/root" "${cache_root}" "${url}")
+  file(REMOVE_RECURSE "${work}")
   set(${out_log} "" PARENT_SCOPE)
 endfunction()
 
@@ -175,10 +234,15 @@ function(ocomp_find_ort_headers out_dir out_version)
       file(MAKE_DIRECTORY "${cache_root}")
       _ocomp_fetch_debian_headers("${cache_root}" fetched fetch_log)
       _ocomp_header_dir_ok("${cached}" ok)
+      if(NOT ok)
+        message(STATUS "ocomp: apt route failed (${fetch_log}); trying the pinned package")
+        _ocomp_download_pinned_headers("${cache_root}" download_log)
+        _ocomp_header_dir_ok("${cached}" ok)
+      endif()
       if(ok)
         set(dir "${cached}")
       else()
-        set(tried "${fetch_log}")
+        set(tried "${fetch_log}; ${download_log}")
       endif()
     endif()
   endif()
