@@ -384,3 +384,39 @@ def test_process_survives_errors():
     model, x, ref = conv_case(rng, 1, 3, 5, 1, 9, 9, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
     assert_close(run_ternary(model, {"X": x}), ref)
     assert os.path.isfile(rt.library_path())
+
+
+def test_baseline_kernel_without_avx2():
+    """The baseline (SSE2/NEON) build of the hot loop, forced with OCOMP_KERNEL_ISA=generic
+    in a fresh process (the choice is made once per process)."""
+    require_library()
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        sys.path.insert(0, sys.argv[1])
+        import test_runtime as tr
+        from ocomp.passes.ternary import pack_ternary
+        rng = np.random.default_rng(9)
+        cases = [(2, 6, 20, 1, 13, 17, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+                 (1, 4, 9, 2, 28, 28, 5, 5, (1, 1), (2, 2, 2, 2), (1, 1)),   # aligned layout
+                 (1, 1, 1, 8, 11, 9, 3, 3, (2, 2), (1, 0, 1, 2), (1, 2)),    # depthwise, strided
+                 (1, 16, 40, 1, 7, 7, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))]
+        for case in cases:
+            model, x, ref = tr.conv_case(rng, *case)
+            tr.assert_close(tr.run_ternary(model, {"X": x}), ref, str(case))
+        t = tr.ternary(rng, (30, 70))
+        x = rng.normal(size=(70, 70)).astype(np.float32)
+        model = tr.ternary_node_model("TernaryGemm", pack_ternary(t), np.ones(30), None, weight_shape=[30, 70])
+        tr.assert_close(tr.run_ternary(model, {"X": x}), tr.reference_matmul(x, t, np.ones(30), None))
+        print("GENERIC-OK")
+        """
+    )
+    env = dict(os.environ, OCOMP_KERNEL_ISA="generic", OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", script, str(Path(__file__).resolve().parent)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "GENERIC-OK" in proc.stdout, proc.stdout + proc.stderr
