@@ -3,3 +3,4 @@
 from . import ternary  # noqa: F401
 from . import foldbn  # noqa: F401
 from . import prune  # noqa: F401
+from . import bnrecal  # noqa: F401,E402

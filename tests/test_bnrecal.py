@@ -1,0 +1,172 @@
+"""bnrecal: BN statistics and corrected biases checked against independent numpy computations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+import zoo
+from ocomp.cli import main
+from ocomp.data import dataset_from_arrays
+from ocomp.errors import UsageError
+from ocomp.model import infer_shapes
+from ocomp.pipeline import run_passes
+from ocomp.runtime import session
+
+BN_MODELS = ["plain", "resnet", "mobilenetv2", "inception", "se", "flatten_gemm", "matmul_head"]
+
+
+def calibration(model: onnx.ModelProto, n: int = 48, seed: int = 1):
+    return dataset_from_arrays(model, zoo.random_input(model, batch=n, seed=seed)["input"])
+
+
+def exposed_values(model: onnx.ModelProto, names: list[str], feeds: dict) -> dict[str, np.ndarray]:
+    """Run `model` (custom ops allowed) with `names` as extra outputs; an independent path from bnrecal's."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in known:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    outs = session(probe).run(names, feeds)
+    return dict(zip(names, outs))
+
+
+def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))
+
+
+@pytest.mark.parametrize("name", BN_MODELS)
+def test_bn_statistics_equal_numpy_after_prune(name: str) -> None:
+    model = infer_shapes(zoo.build(name))
+    data = calibration(model)
+    result = run_passes(model, ["prune", "bnrecal"], {"prune": {"ratio": 0.5}}, calibration=data)
+    out = result.model
+    bns = [n for n in out.graph.node if n.op_type == "BatchNormalization"]
+    assert bns
+    feeds = {"input": zoo.random_input(model, batch=48, seed=1)["input"]}
+    values = exposed_values(out, [bn.input[0] for bn in bns], feeds)
+    for bn in bns:
+        x = values[bn.input[0]].astype(np.float64)
+        axes = (0,) + tuple(range(2, x.ndim))
+        np.testing.assert_allclose(initializer(out, bn.input[3]), x.mean(axis=axes), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(initializer(out, bn.input[4]), x.var(axis=axes), rtol=1e-4, atol=1e-4)
+    assert len(result.reports[1].layers) >= len(bns)
+
+
+def perturbed(model: onnx.ModelProto, seed: int = 3) -> onnx.ModelProto:
+    """Multiply every conv weight by a random per-output-channel factor in [0.7, 1.3] and shift its bias."""
+    rng = np.random.default_rng(seed)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = gs.import_onnx(out)
+    for node in graph.nodes:
+        if node.op == "Conv":
+            w = node.inputs[1]
+            factor = rng.uniform(0.7, 1.3, size=w.values.shape[0]).astype(np.float32)
+            w.values = (w.values * factor.reshape(-1, 1, 1, 1)).astype(np.float32)
+            if len(node.inputs) > 2:
+                b = node.inputs[2]
+                b.values = (b.values + rng.normal(0, 0.1, b.values.shape)).astype(np.float32)
+    result = gs.export_onnx(graph)
+    result.ir_version = model.ir_version
+    return infer_shapes(result)
+
+
+@pytest.mark.parametrize("name", ["plain", "resnet", "mobilenetv2", "flatten_gemm", "matmul_head"])
+@pytest.mark.parametrize("match_std", [False, True])
+def test_bias_correction_matches_reference_means(name: str, match_std: bool) -> None:
+    reference = infer_shapes(zoo.build(name, folded=True))
+    model = perturbed(reference)
+    data = calibration(reference)
+    result = run_passes(model, ["bnrecal"], {"bnrecal": {"match_std": match_std}}, calibration=data,
+                        reference=reference)
+    out = result.model
+    targets = [n.output[0] for n in out.graph.node if n.op_type in ("Conv", "Gemm")]
+    targets += [n.output[0] for n in out.graph.node if n.op_type == "Add" and any(
+        p.op_type == "MatMul" and p.output[0] in n.input for p in out.graph.node)]
+    feeds = {"input": zoo.random_input(reference, batch=48, seed=1)["input"]}
+    got = exposed_values(out, targets, feeds)
+    want = exposed_values(reference, targets, feeds)
+    before = exposed_values(model, targets, feeds)
+    moved = 0
+    for name_ in targets:
+        g, w, b = (v.astype(np.float64) for v in (got[name_], want[name_], before[name_]))
+        axes = (0,) + tuple(range(2, g.ndim))
+        scale = max(1.0, float(np.abs(w.mean(axis=axes)).max()))
+        np.testing.assert_allclose(g.mean(axis=axes), w.mean(axis=axes), atol=1e-4 * scale, rtol=0)
+        if match_std:
+            np.testing.assert_allclose(g.std(axis=axes), w.std(axis=axes), rtol=1e-3, atol=1e-5)
+        moved += float(np.abs(b.mean(axis=axes) - w.mean(axis=axes)).max()) > 1e-3
+    assert moved, "the perturbation should have shifted some means"
+
+
+def test_bias_correction_after_prune_and_ternary_maps_channels() -> None:
+    reference = infer_shapes(zoo.build("resnet", folded=True))
+    data = calibration(reference)
+    state: dict = {}
+    result = run_passes(reference, ["prune", "ternary", "bnrecal"], {"prune": {"ratio": 0.25}},
+                        calibration=data, reference=reference, state=state)
+    out = result.model
+    ternary = [n for n in out.graph.node if n.domain == "ocomp"]
+    assert ternary and all(len(n.input) == 4 for n in ternary)
+    feeds = {"input": zoo.random_input(reference, batch=48, seed=1)["input"]}
+    targets = [n.output[0] for n in ternary]
+    got = exposed_values(out, targets, feeds)
+    want = exposed_values(reference, targets, feeds)
+    checked = 0
+    for n in ternary:
+        g = got[n.output[0]].astype(np.float64).mean(axis=(0, 2, 3))
+        w = want[n.output[0]].astype(np.float64).mean(axis=(0, 2, 3))
+        kept = state.get("kept_channels", {}).get(n.output[0])
+        if kept is not None:  # pruned: each kept channel matches its reference channel
+            w = w[np.asarray(kept)]
+            checked += 1
+        np.testing.assert_allclose(g, w, atol=1e-4 * max(1.0, np.abs(w).max()))
+    assert checked, "prune at 0.25 should have shrunk some ternarized layers"
+
+
+def test_bnrecal_recovers_accuracy_after_ternary(shared_dir: Path) -> None:
+    model = infer_shapes(onnx.load(shared_dir / "resnet20_fashion_mnist.onnx"))
+    calib = np.load(shared_dir / "fashion_mnist_calib.npz")
+    test = np.load(shared_dir / "fashion_mnist_test.npz")
+    images = test["images"][:1000].astype(np.float32) / 255.0
+    labels = test["labels"][:1000]
+    data = dataset_from_arrays(model, calib["images"][:256].astype(np.float32) / 255.0)
+
+    def accuracy(m: onnx.ModelProto) -> float:
+        return float((session(m).run(None, {"input": images})[0].argmax(1) == labels).mean())
+
+    plain = run_passes(model, ["ternary"]).model
+    recal = run_passes(model, ["ternary", "bnrecal"], calibration=data).model
+    assert accuracy(recal) > accuracy(plain) + 0.05
+    assert accuracy(recal) > 0.8
+
+
+def test_bnrecal_needs_calibration(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="needs calibration data"):
+        run_passes(infer_shapes(zoo.build("plain")), ["bnrecal"])
+    src = tmp_path / "m.onnx"
+    onnx.save(zoo.build("plain"), src)
+    result = CliRunner().invoke(main, ["compress", str(src), "-o", str(tmp_path / "o.onnx"), "--passes", "bnrecal"])
+    assert result.exit_code == 2 and "--calib" in result.output
+
+
+def test_cli_bnrecal_with_npz(tmp_path: Path) -> None:
+    model = zoo.build("resnet")
+    src, calib = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    onnx.save(model, src)
+    np.savez(calib, input=zoo.random_input(model, batch=32, seed=2)["input"])
+    out = tmp_path / "o.onnx"
+    result = CliRunner().invoke(main, ["compress", str(src), "-o", str(out), "--passes", "prune,bnrecal",
+                                       "--calib", str(calib), "--bnrecal-samples", "16"])
+    assert result.exit_code == 0, result.output
+    assert "== pass bnrecal" in result.output
+    assert ort.InferenceSession(str(out)).run(None, {"input": zoo.random_input(model)["input"]})[0].shape == (2, 10)
