@@ -1,0 +1,49 @@
+"""README.md's two commands stay true: CI runs the test command verbatim, and the main command works."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from ocomp.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return [line.strip() for line in text.splitlines() if line.startswith("    python3 -m venv .venv")]
+
+
+def test_readme_has_the_two_commands_and_ci_runs_the_test_one() -> None:
+    commands = readme_commands()
+    assert len(commands) == 2, commands
+    main_command, test_command = commands
+    assert "ocomp compress examples/" in main_command
+    assert test_command.endswith("pytest -q")
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in [line.strip() for line in ci], "the test command in .ci/run differs from README.md"
+
+
+def test_readme_main_command_runs(tmp_path: Path) -> None:
+    main_command = readme_commands()[0]
+    args = shlex.split(main_command.split("&& .venv/bin/ocomp ", 1)[1])
+    out = tmp_path / "small.onnx"
+    args[args.index("-o") + 1] = str(out)
+    args = [str(ROOT / a) if a.startswith("examples/") else a for a in args]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "== summary" in result.output
+    assert "top-1" in result.output
+    original = (ROOT / "examples" / "fashion_cnn.onnx").stat().st_size
+    assert out.stat().st_size * 4 < original, "the example should shrink several times"
+    assert any(n.domain == "ocomp" for n in onnx.load(out).graph.node)
+
+
+@pytest.mark.parametrize("name", ["fashion_cnn.onnx", "fashion_test.npz", "fashion_calib.npz"])
+def test_example_files_ship(name: str) -> None:
+    assert (ROOT / "examples" / name).is_file()
