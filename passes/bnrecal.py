@@ -35,6 +35,7 @@ from ocomp.graph import STANDARD_DOMAINS, const_value, input_at, unique_name
 from ocomp.pipeline import Context, Option, Pass, Report, register
 
 CONV_LIKE = ("Conv", "TernaryConv")
+MEMORY_BUDGET = 256 * 2**20  # bytes of exposed activations a batch
 CORRECTABLE = ("Conv", "Gemm", "MatMul", "TernaryConv", "TernaryGemm", "TernaryMatMul")
 
 
@@ -145,6 +146,25 @@ class _Runner:
         self.passes = 0
 
     def stats(self, model: onnx.ModelProto, axes: dict[str, int]) -> dict[str, ChannelStats]:
+        """Statistics of every tensor in `axes`; tensors are exposed in groups of at most MEMORY_BUDGET bytes
+        a batch (one pass over the data a group), so memory stays bounded whatever the model's size."""
+        sizes = _sample_bytes(model)
+        per_batch = getattr(self.data, "batch_size", 32)
+        stats: dict[str, ChannelStats] = {}
+        group: list[str] = []
+        used = 0
+        for name in axes:
+            cost = sizes.get(name, 0) * per_batch
+            if group and used + cost > MEMORY_BUDGET:
+                stats.update(self._stats(model, {n: axes[n] for n in group}))
+                group, used = [], 0
+            group.append(name)
+            used += cost
+        if group:
+            stats.update(self._stats(model, {n: axes[n] for n in group}))
+        return stats
+
+    def _stats(self, model: onnx.ModelProto, axes: dict[str, int]) -> dict[str, ChannelStats]:
         sub = _expose(model, list(axes))
         session = self.ctx.session(sub)
         inputs = {i.name for i in session.get_inputs()}
@@ -162,6 +182,20 @@ class _Runner:
         self.samples = samples
         self.passes += 1
         return stats
+
+
+def _sample_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Bytes one sample takes in each tensor with a known shape (the batch axis counted as 1)."""
+    sizes = {}
+    for value in list(model.graph.value_info) + list(model.graph.output):
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tensor.shape.dim[1:]]
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).itemsize if tensor.elem_type \
+            else 4
+        sizes[value.name] = int(np.prod(dims, dtype=np.int64)) * itemsize
+    return sizes
 
 
 def _expose(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

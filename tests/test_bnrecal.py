@@ -170,3 +170,18 @@ def test_cli_bnrecal_with_npz(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "== pass bnrecal" in result.output
     assert ort.InferenceSession(str(out)).run(None, {"input": zoo.random_input(model)["input"]})[0].shape == (2, 10)
+
+
+def test_exposed_tensors_are_chunked_under_the_memory_budget(monkeypatch) -> None:
+    import ocomp.passes.bnrecal as bnrecal
+
+    reference = infer_shapes(zoo.build("resnet", folded=True))
+    model = perturbed(reference)
+    data = calibration(reference, n=16)
+    whole = run_passes(model, ["bnrecal"], calibration=data, reference=reference)
+    monkeypatch.setattr(bnrecal, "MEMORY_BUDGET", 1)  # every tensor gets its own pass over the data
+    chunked = run_passes(model, ["bnrecal"], calibration=data, reference=reference)
+    assert chunked.reports[0].details["passes_over_data"] > whole.reports[0].details["passes_over_data"]
+    got = {i.name: numpy_helper.to_array(i) for i in chunked.model.graph.initializer}
+    for init in whole.model.graph.initializer:
+        np.testing.assert_allclose(got[init.name], numpy_helper.to_array(init), rtol=1e-6, atol=1e-6)
