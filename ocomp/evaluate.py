@@ -32,7 +32,7 @@ def make_session(model: onnx.ModelProto | bytes):
     except ImportError:
         session = None
     if session is not None:
-        return session(data)
+        return session(data, log_severity_level=3)  # no ORT warnings about the user's model on the console
     if proto is None:
         proto = onnx.load_from_string(data)
     if uses_custom_ops(proto):
