@@ -65,6 +65,15 @@ def positive_int(value: Any) -> int:
 positive_int.__name__ = "int"
 
 
+def _auto_ratios(value: Any) -> str:
+    from .autoprune import parse_ratios
+
+    return ",".join(f"{r:g}" for r in parse_ratios(value))
+
+
+_auto_ratios.__name__ = "ratios"
+
+
 # ---------------------------------------------------------------- results
 
 
@@ -107,7 +116,8 @@ class Prune(Pass):
 
     name = "prune"
     options = (
-        Option("ratio", ratio_or_auto, 0.3, "fraction of channels removed per channel group ('auto': not yet)"),
+        Option("ratio", ratio_or_auto, 0.3, "fraction of channels removed per channel group, or 'auto': a per-group "
+               "ratio from a sensitivity scan on --calib data (Kneedle on each group's quality curve)"),
         Option("criterion", str, "l1", "channel importance: l1, l2 (weight norms), bn (|gamma| of the following "
                "BatchNorm), activation (mean |activation| on --calib data)", choices=CRITERIA),
         Option("layer", key_value(fraction), (), "ratio for the group of one layer, NAME=R (repeatable)",
@@ -117,6 +127,16 @@ class Prune(Pass):
         Option("multiple", positive_int, 1, "round kept channel counts up to a multiple of this (PE width)"),
         Option("dead", bool, True, "remove channels with exactly constant output first, folding them into "
                "the consumer's bias"),
+        Option("auto_ratios", _auto_ratios, "0.1,0.2,0.3,0.4,0.5,0.6,0.7", "--prune-ratio auto: candidate ratios "
+               "scanned per group (comma-separated)"),
+        Option("auto_samples", positive_int, 128, "--prune-ratio auto: calibration samples used by the scan"),
+        Option("target_macs", fraction, 0.0, "--prune-ratio auto: keep at most this fraction of the MACs "
+               "(0: no target)"),
+        Option("target_params", fraction, 0.0, "--prune-ratio auto: keep at most this fraction of the params "
+               "(0: no target)"),
+        Option("jobs", positive_int, 1, "--prune-ratio auto: processes for the sensitivity scan"),
+        Option("plot", str, "", "--prune-ratio auto: write one PNG a group's quality curve into this folder "
+               "(needs matplotlib)"),
     )
     needs = frozenset()
 
@@ -125,20 +145,35 @@ class Prune(Pass):
         report = Report(self.name)
         if opts["criterion"] == "activation" and ctx.calibration is None:
             raise UsageError("--prune-criterion activation needs calibration data: give --calib")
+        auto = opts["ratio"] == "auto"
+        if auto and ctx.calibration is None:
+            raise UsageError("--prune-ratio auto needs --calib")
+        model = ctx.export(graph) if auto else None  # exported before the analysis (export cleans the graph up)
         analysis = analyze(graph)
         ratios = self.group_ratios(analysis, opts, report)
+        if auto:
+            from .autoprune import auto_ratios
+
+            scanned = [gid for gid, r in ratios.items() if r is None]
+            chosen, details = auto_ratios(model, scanned, ctx.calibration, opts, progress=ctx.progress)
+            ratios = {gid: chosen.get(gid, r) for gid, r in ratios.items()}
+            ratios = {gid: r for gid, r in ratios.items() if r is not None}
+            report.details.update(details)
         prune_graph(graph, ratios, criterion=opts["criterion"], multiple=opts["multiple"],
                     min_channels=opts["min_channels"], calibration=ctx.calibration,
                     session_factory=_ctx_session_factory(ctx), state=ctx.state, report=report,
                     prune_dead=opts["dead"], export=ctx.export,
                     analysis=None if opts["criterion"] == "activation" else analysis)
+        if auto:
+            for row in report.layers:
+                for gid, r in ratios.items():
+                    if f"group {gid};" in row.note:
+                        row.note += f"; auto ratio {r:g}"
         return report
 
-    def group_ratios(self, analysis: ChannelAnalysis, opts: Mapping[str, Any], report: Report) -> dict[str, float]:
+    def group_ratios(self, analysis: ChannelAnalysis, opts: Mapping[str, Any],
+                     report: Report) -> dict[str, float | None]:
         """Ratio per prunable group id from the options (--prune-ratio, --prune-layer, --prune-skip)."""
-        if opts["ratio"] == "auto":
-            raise UsageError("--prune-ratio auto needs the automatic ratio search, which is not available yet; "
-                             "give a fraction such as 0.3")
         skipped = {g.id for name in opts["skip"] for g in [_group_named(analysis, name, "--prune-skip")]}
         overrides: dict[str, tuple[str, float]] = {}
         for name, value in opts["layer"]:
@@ -155,7 +190,9 @@ class Prune(Pass):
                 continue
             if g.pinned:
                 continue
-            ratios[g.id] = overrides[g.id][1] if g.id in overrides else float(opts["ratio"])
+            # auto: None marks the groups to scan (--prune-layer overrides are kept as given)
+            ratios[g.id] = overrides[g.id][1] if g.id in overrides else (
+                None if opts["ratio"] == "auto" else float(opts["ratio"]))
         return ratios
 
 
