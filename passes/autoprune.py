@@ -1,339 +1,534 @@
-"""`--prune-ratio auto`: choose a pruning ratio per channel group from a sensitivity scan (issue #5).
+"""`--prune-ratio auto`: per-group pruning ratios from a sensitivity scan, Kneedle knees and a global budget.
 
-1. Sensitivity scan. For every prunable (unpinned) group and every candidate
-   ratio (`--prune-auto-ratios`), only that group is pruned (prune_graph on a
-   fresh copy of the model), BatchNorm statistics and biases are recalibrated
-   (bnrecal.recalibrate: adaptive BN + bias correction) on the first
-   `--prune-auto-samples` calibration samples, and the fidelity to the unpruned
-   model is measured on those samples as the mean cosine similarity of the
-   outputs (per sample, flattened, averaged over samples and outputs). Cosine
-   similarity is used rather than top-1 agreement because it is smooth in the
-   ratio, which is what Kneedle needs to find a knee (top-1 agreement on a few
-   hundred samples is a noisy staircase).
-2. Per-group ratio: the knee of the (concave, decreasing) quality-vs-ratio curve
-   found by Kneedle (ocomp.kneedle); without a knee, the largest ratio whose
-   quality is within 1% of the group's best.
-3. Global budget (`--prune-target-macs F` / `--prune-target-params F`: fraction
-   of the original kept, 0 = unset). If the knee ratios miss it, a global
-   quality threshold lambda is bisected: every group takes its largest
-   candidate ratio whose quality >= lambda (0 when none); the largest lambda
-   meeting the target wins. MACs/params are measured by pruning a copy with
-   those ratios and running ocomp.metrics.model_stats on the exported model.
+1. **Sensitivity scan.** For every prunable channel group g and every candidate
+   ratio r (`--prune-auto-ratios`), prune only g by r (same criterion, rounding
+   and dead-channel options as a fixed-ratio run), recalibrate BatchNorm
+   statistics and biases with bnrecal on the first `--prune-auto-samples`
+   calibration samples, and measure the quality of the first model output on
+   those samples against the model entering the pass. The point r = 0 is the
+   recalibrated unpruned model (one extra candidate, shared by all curves).
+   Candidates are independent: `--prune-jobs N` runs them in N worker processes
+   ('spawn' context, model bytes and calibration arrays sent once a worker).
+   Every scan session uses one onnxruntime thread, so the figures are bitwise
+   the same whatever N is.
+2. **Quality metric** (`--prune-auto-metric`). Default `cosine`: cosine
+   similarity of the logits (all samples flattened) with the unpruned model's.
+   It is label-free (calibration data rarely has labels) and smooth in the
+   ratio, which Kneedle needs; top-1 agreement or accuracy move in steps of
+   1/samples and their knees are noisier. `snr`: SNR in dB of the same logits
+   (capped at 200 dB). `top1`: accuracy on labelled calibration data.
+   A curve is made monotone (running minimum over increasing ratios): a ratio
+   counts only as good as every smaller ratio of its group.
+3. **Knee.** Kneedle (`ocomp.kneedle`, curve="concave", direction="decreasing")
+   on each monotone curve, 0 included: the largest ratio before quality falls
+   off. A curve losing at most FLAT_TOLERANCE[metric] has no knee and takes the
+   largest candidate; a curve Kneedle finds no knee on (e.g. falling from the
+   first candidate on) takes the point farthest above its chord (Kneedle's
+   difference curve maximum; 0 for straight or convex curves).
+4. **Budget** (`--prune-target-macs F` / `--prune-target-params F`: fraction of
+   the MACs / params of the model entering the pass to keep at most). Without
+   a target the knees are used as they are. Otherwise one global quality
+   threshold lambda sets every group's ratio r_g(lambda) = the largest candidate
+   whose monotone quality is >= lambda; when the knees keep too much, each group
+   takes max(knee, r_g(lambda)), when they keep less than allowed,
+   min(knee, r_g(lambda)); lambda is the largest threshold (bisection over the
+   measured quality values) whose ratio set meets every target. MACs and params
+   of a ratio set are measured exactly: the ratios are applied to a copy of the
+   graph with prune_graph and the exported model is counted with model_stats.
+   If even the largest candidates miss a target, they are used and the report
+   says so (details["auto_budget"]["met"] is false).
 
-The scan is embarrassingly parallel: `--prune-jobs N` runs candidates in N
-spawned processes (the model is sent as bytes, the calibration subset as arrays).
+The pass writes no files: `write_plots(details, folder)` renders the curves
+(one PNG a group, knee and chosen ratio marked); ocomp.api.compress calls it
+after the pipeline when `--prune-plot` is given.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+import re
+import time
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from ocomp.errors import OcompError, UsageError
+from ocomp.kneedle import knee_index
+from ocomp.metrics import model_stats
+from ocomp.model import to_graph, to_model
+from ocomp.pipeline import Context, Report, resolve_options
 
-KNEE_TOLERANCE = 0.01  # no knee: largest ratio with quality >= (1 - this) * best
+METRICS = ("cosine", "snr", "top1")
+FLAT_TOLERANCE = {"cosine": 1e-5, "snr": 0.01, "top1": 0.0}  # quality loss treated as none
+SNR_CAP_DB = 200.0
+DEFAULT_RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8"
 
 
-def parse_ratios(value: Any) -> tuple[float, ...]:
-    """'0.1,0.2,...' (or a sequence) -> sorted distinct fractions in (0, 1); at least 3 for Kneedle."""
+# ---------------------------------------------------------------- option types
+
+
+def ratio_list(value: Any) -> tuple[float, ...]:
+    """Candidate ratios: "0.1,0.2,..." or a list; each in (0, 1); sorted, duplicates removed; at least two."""
     items = value.split(",") if isinstance(value, str) else list(value)
-    ratios = sorted({float(str(v).strip()) for v in items if str(v).strip()})
-    if len(ratios) < 3 or any(not 0.0 < r < 1.0 for r in ratios):
-        raise ValueError(f"expected at least 3 comma-separated ratios in (0, 1), got {value!r}")
+    ratios = sorted({float(v) for v in items if str(v).strip()})
+    if len(ratios) < 2:
+        raise ValueError(f"expected at least two comma-separated ratios, got {value!r}")
+    bad = [r for r in ratios if not 0.0 < r < 1.0]
+    if bad:
+        raise ValueError(f"ratios must be fractions in (0, 1), got {bad[0]!r}")
     return tuple(ratios)
 
 
-parse_ratios.__name__ = "ratios"
+ratio_list.__name__ = "R1,R2,..."
 
 
-# ---------------------------------------------------------------- fidelity
+def budget_fraction(value: Any) -> float | None:
+    """A fraction in (0, 1] kept; 0 or empty means "no target" (None)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"expected a fraction in (0, 1] (0: no target), got {value!r}")
+    return number or None
 
 
-def _session(model: onnx.ModelProto):
+budget_fraction.__name__ = "fraction"
+
+
+def require_matplotlib() -> None:
     try:
-        from ocomp.runtime import session
-
-        return session(model)
-    except Exception:  # the custom-op runtime is not built: plain onnxruntime runs standard models
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--prune-plot needs matplotlib: pip install ocomp[plot]") from None
 
 
-def run_outputs(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], batch: int = 64) -> list[np.ndarray]:
-    session = _session(model)
-    names = [o.name for o in session.get_outputs()]
-    inputs = {i.name for i in session.get_inputs()}
-    count = len(next(iter(arrays.values())))
-    parts: list[list[np.ndarray]] = [[] for _ in names]
-    for start in range(0, count, batch):
-        feeds = {k: v[start:start + batch] for k, v in arrays.items() if k in inputs}
-        for part, out in zip(parts, session.run(names, feeds)):
-            part.append(np.asarray(out))
-    return [np.concatenate(p) for p in parts]
+# ---------------------------------------------------------------- the auto run
 
 
-def cosine_fidelity(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
-    """Mean over samples (and outputs) of the cosine similarity of the flattened outputs."""
-    values = []
-    for a, b in zip(outputs, reference):
-        a = np.asarray(a, np.float64).reshape(len(a), -1)
-        b = np.asarray(b, np.float64).reshape(len(b), -1)
-        dot = (a * b).sum(axis=1)
-        norm = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        cos = np.where(norm > 0, dot / np.where(norm > 0, norm, 1.0), np.where(np.abs(a - b).max(axis=1) == 0, 1, 0))
-        values.append(float(np.mean(cos)))
-    return float(np.mean(values))
+def run_auto(graph: gs.Graph, ctx: Context, report: Report, group_ratios) -> Report:
+    """Prune `graph` in place with automatically chosen per-group ratios (see module doc).
+
+    group_ratios(graph) -> {group id: ratio, or None for the groups to scan}
+    (Prune.group_ratios: --prune-skip and --prune-layer apply as with a fixed
+    ratio; groups given a ratio by --prune-layer keep it and are not scanned).
+    """
+    from .prune import _ctx_session_factory, prune_graph
+
+    opts = ctx.options
+    if ctx.calibration is None:
+        raise UsageError("--prune-ratio auto needs --calib")
+    if opts["plot"]:
+        require_matplotlib()
+    metric = opts["auto_metric"]
+    if metric not in METRICS:
+        raise UsageError(f"--prune-auto-metric: expected one of {', '.join(METRICS)}, got '{metric}'")
+    if metric == "top1" and not ctx.calibration.has_labels:
+        raise UsageError("--prune-auto-metric top1 needs labels in the calibration data; use cosine or snr")
+    try:
+        candidates = ratio_list(opts["auto_ratios"])
+        targets = {"macs": budget_fraction(opts["target_macs"]), "params": budget_fraction(opts["target_params"])}
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--prune-ratio auto: {exc}") from None
+    jobs = int(opts["jobs"])
+
+    base = ctx.export(graph)  # the model entering the pass (export cleans the graph up: analyze afterwards)
+    given = group_ratios(graph)
+    scanned = [gid for gid, r in given.items() if r is None]
+    fixed = {gid: float(r) for gid, r in given.items() if r is not None}
+
+    setup = _setup(base, ctx, opts, metric)
+    start = time.perf_counter()
+    tasks = [(None, 0.0)] + [(gid, r) for gid in scanned for r in candidates]
+    quality = _scan(setup, tasks, jobs, ctx.progress)
+    scan_seconds = time.perf_counter() - start
+
+    x = [0.0] + list(candidates)
+    curves: dict[str, dict[str, Any]] = {}
+    for gid in scanned:
+        raw = [quality[(None, 0.0)]] + [quality[(gid, r)] for r in candidates]
+        envelope = np.minimum.accumulate(np.asarray(raw, dtype=np.float64)).tolist()
+        knee, how = choose_knee(x, envelope, FLAT_TOLERANCE[metric])
+        curves[gid] = {"ratios": x, "quality": raw, "monotone": envelope, "knee": knee, "knee_rule": how}
+
+    counter = _Counter(base, opts, fixed)
+    chosen, budget = fit_budget(curves, targets, counter)
+    for gid, r in chosen.items():
+        curves[gid]["chosen"] = r
+        curves[gid]["chosen_quality"] = curves[gid]["monotone"][x.index(r)]
+
+    ratios = {**fixed, **chosen}
+    before = len(report.layers)
+    result = prune_graph(graph, ratios, criterion=opts["criterion"], multiple=opts["multiple"],
+                         min_channels=opts["min_channels"], calibration=ctx.calibration,
+                         session_factory=_ctx_session_factory(ctx), state=ctx.state, report=report,
+                         prune_dead=opts["dead"], export=ctx.export)
+    for change, row in zip(report.layers[before:], result.layers):
+        curve = curves.get(row["group"])
+        if curve is not None:
+            change.note += f"; auto ratio {curve['chosen']:g} (knee {curve['knee']:g})"
+        elif row["group"] in fixed:
+            change.note += f"; ratio {fixed[row['group']]:g} from --prune-layer"
+
+    report.details["auto"] = curves
+    report.details["auto_budget"] = budget
+    report.details["auto_scan"] = dict(metric=metric, samples=setup.samples, candidates=len(tasks), jobs=jobs,
+                                       seconds=round(scan_seconds, 3), recalibrated=True)
+    report.details["auto_summary"] = render_curves(curves, metric, budget)
+    if not budget["met"]:
+        report.skip("*", "budget", budget["outcome"])
+    return report
+
+
+# ---------------------------------------------------------------- knee and budget
+
+
+def choose_knee(x: Sequence[float], quality: Sequence[float], flat_tolerance: float) -> tuple[float, str]:
+    """(knee ratio, rule used) of a non-increasing quality curve over increasing ratios x (x[0] = 0)."""
+    q = np.asarray(quality, dtype=np.float64)
+    if q[0] - q.min() <= flat_tolerance:
+        return float(x[-1]), "flat"
+    index = knee_index(x, q, curve="concave", direction="decreasing")
+    if index is not None:
+        return float(x[index]), "kneedle"
+    xs = np.asarray(x, dtype=np.float64)
+    xn = (xs - xs[0]) / (xs[-1] - xs[0])
+    yn = (q - q.min()) / (q.max() - q.min())
+    above_chord = yn + xn - 1.0  # distance above the chord from (0, max) to (1, min)
+    best = int(np.argmax(above_chord))
+    return float(x[best] if above_chord[best] > 0 else x[0]), "chord"
+
+
+def _ratio_at(curve: Mapping[str, Any], threshold: float) -> float:
+    """Largest ratio of the curve whose monotone quality is >= threshold (0 when none)."""
+    best = 0.0
+    for r, q in zip(curve["ratios"], curve["monotone"]):
+        if q >= threshold:
+            best = r
+    return best
+
+
+def fit_budget(curves: Mapping[str, Mapping[str, Any]], targets: Mapping[str, float | None],
+               counter) -> tuple[dict[str, float], dict[str, Any]]:
+    """Chosen ratio per group and the budget outcome; counter(ratios) -> {"macs": kept fraction, "params": ...}."""
+    knees = {gid: float(c["knee"]) for gid, c in curves.items()}
+    active = {k: v for k, v in targets.items() if v is not None}
+
+    def meets(kept: Mapping[str, float]) -> bool:
+        return all(kept[k] <= v + 1e-12 for k, v in active.items())
+
+    knee_kept = counter(knees)
+    outcome: dict[str, Any] = dict(target_macs=targets.get("macs"), target_params=targets.get("params"),
+                                   knee_macs_kept=knee_kept["macs"], knee_params_kept=knee_kept["params"])
+    if not active or not curves:
+        chosen, kept, mode, threshold = knees, knee_kept, "knees", None
+        met = meets(kept)
+    else:
+        mode = "lower" if meets(knee_kept) else "raise"
+        combine = min if mode == "lower" else max
+        levels = sorted({q for c in curves.values() for q in c["monotone"]}, reverse=True)
+        thresholds = [math.inf] + levels  # decreasing threshold: more pruning, fewer MACs/params kept
+
+        def ratios_at(t: float) -> dict[str, float]:
+            return {gid: combine(knees[gid], _ratio_at(c, t)) for gid, c in curves.items()}
+
+        lo, hi = 0, len(thresholds) - 1  # find the first (largest) threshold that meets the targets
+        if meets(counter(ratios_at(thresholds[hi]))):
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if meets(counter(ratios_at(thresholds[mid]))):
+                    hi = mid
+                else:
+                    lo = mid + 1
+        threshold = thresholds[hi]
+        chosen = ratios_at(threshold)
+        kept = counter(chosen)
+        met = meets(kept)
+        threshold = None if math.isinf(threshold) else threshold
+    outcome.update(mode=mode, threshold=threshold, macs_kept=kept["macs"], params_kept=kept["params"], met=met)
+    parts = [f"{name} kept {kept[name]:.3f}" + (f" (target <= {active[name]:g})" if name in active else "")
+             for name in ("macs", "params")]
+    if not active:
+        text = "no target: knee ratios used; " + ", ".join(parts)
+    elif met:
+        text = {"lower": "knees under budget, ratios lowered to use it: ",
+                "raise": "knees over budget, ratios raised: "}[mode] + ", ".join(parts)
+    else:
+        text = "target not reached even with the largest candidate ratios: " + ", ".join(parts)
+    outcome["outcome"] = text
+    return chosen, outcome
+
+
+class _Counter:
+    """Kept MACs/params fractions of a ratio set, measured on a pruned copy of the model (cached)."""
+
+    def __init__(self, base: onnx.ModelProto, opts: Mapping[str, Any], fixed: Mapping[str, float]):
+        self.base = base
+        self.opts = opts
+        self.fixed = dict(fixed)
+        stats = model_stats(base)
+        self.macs, self.params = stats.macs, stats.params
+        self.cache: dict[tuple, dict[str, float]] = {}
+
+    def __call__(self, ratios: Mapping[str, float]) -> dict[str, float]:
+        from .prune import prune_graph
+
+        full = {**self.fixed, **ratios}
+        key = tuple(sorted(full.items()))
+        if key not in self.cache:
+            graph = to_graph(self.base)
+            criterion = self.opts["criterion"]
+            # the count only depends on how many channels are kept: l1 selects the same counts as any criterion
+            prune_graph(graph, full, criterion="l1" if criterion == "activation" else criterion,
+                        multiple=self.opts["multiple"], min_channels=self.opts["min_channels"],
+                        prune_dead=self.opts["dead"])
+            stats = model_stats(to_model(graph, self.base))
+            self.cache[key] = {"macs": stats.macs / self.macs if self.macs else 1.0,
+                               "params": stats.params / self.params if self.params else 1.0}
+        return self.cache[key]
 
 
 # ---------------------------------------------------------------- the scan
 
 
-@dataclass
+class _Setup:
+    """Everything a scan worker needs, picklable: model bytes, calibration arrays, base outputs, options."""
+
+    def __init__(self, model: bytes, reference: bytes | None, arrays: dict[str, np.ndarray],
+                 labels: np.ndarray | None, batch_size: int, kept: dict[str, np.ndarray], metric: str,
+                 prune_options: dict[str, Any], recal_options: dict[str, Any]):
+        self.model = model
+        self.reference = reference
+        self.arrays = arrays
+        self.labels = labels
+        self.batch_size = batch_size
+        self.kept = kept
+        self.metric = metric
+        self.prune_options = prune_options
+        self.recal_options = recal_options
+        self.base_output: np.ndarray | None = None
+
+    @property
+    def samples(self) -> int:
+        return int(len(next(iter(self.arrays.values())))) if self.arrays else 0
+
+
+def _setup(base: onnx.ModelProto, ctx: Context, opts: Mapping[str, Any], metric: str) -> _Setup:
+    data = ctx.calibration.take(int(opts["auto_samples"])) if hasattr(ctx.calibration, "take") else ctx.calibration
+    chunks: dict[str, list[np.ndarray]] = {}
+    labels: list[np.ndarray] = []
+    for feeds, batch_labels in data.batches():
+        for name, value in feeds.items():
+            chunks.setdefault(name, []).append(np.asarray(value))
+        if batch_labels is not None:
+            labels.append(np.asarray(batch_labels))
+    if not chunks:
+        raise OcompError("--prune-ratio auto: the calibration data is empty")
+    arrays = {name: np.concatenate(parts) for name, parts in chunks.items()}
+    kept = {k: np.asarray(v).copy() for k, v in (ctx.state.get("kept_channels") or {}).items()}
+    recal = resolve_options("bnrecal", {})
+    recal["samples"] = 10**9  # the scan subset is already cut
+    setup = _Setup(base.SerializeToString(), ctx.reference.SerializeToString() if ctx.reference is not None else None,
+                   arrays, np.concatenate(labels) if labels else None, int(getattr(data, "batch_size", 32)), kept,
+                   metric, dict(criterion=opts["criterion"], multiple=opts["multiple"],
+                                min_channels=opts["min_channels"], prune_dead=opts["dead"]), recal)
+    setup.base_output = _Scanner(setup).run(base)
+    return setup
+
+
+def _session(model: onnx.ModelProto | bytes, **options: Any):
+    """One-thread onnxruntime session (ocomp custom ops when the runtime is built): deterministic scan figures."""
+    options = {"intra_op_num_threads": 1, "inter_op_num_threads": 1, "log_severity_level": 3, **options}
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    try:
+        from ocomp.runtime import session
+    except ImportError:
+        session = None
+    if session is not None:
+        try:
+            return session(data, **options)
+        except (OSError, RuntimeError, AttributeError):  # runtime library not built: plain onnxruntime below
+            pass
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    for key, value in options.items():
+        setattr(so, key, value)
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+class _ScanContext(Context):
+    def session(self, model, **session_options: Any):
+        return _session(model, **session_options)
+
+
 class _Scanner:
-    """Prunes one group of a fresh copy, recalibrates and measures fidelity (picklable state: bytes + arrays)."""
+    """Evaluates scan candidates: prune one group, recalibrate, measure quality against the base outputs."""
 
-    model_bytes: bytes
-    arrays: dict[str, np.ndarray]
-    reference_outputs: list[np.ndarray]
-    prune_kwargs: dict[str, Any]
+    def __init__(self, setup: _Setup):
+        from ocomp.data import DataOptions, dataset_from_arrays
 
-    def evaluate(self, gid: str, ratio: float) -> float:
-        from ocomp.data import dataset_from_arrays
-        from ocomp.model import to_graph, to_model
+        self.setup = setup
+        self.model = onnx.load_from_string(setup.model)
+        self.reference = onnx.load_from_string(setup.reference) if setup.reference is not None else None
+        self.data = dataset_from_arrays(self.model, setup.arrays, setup.labels,
+                                        DataOptions(batch_size=setup.batch_size), source="calibration subset")
 
-        from .bnrecal import recalibrate
+    def quality(self, gid: str | None, ratio: float) -> float:
+        from .bnrecal import BNRecal
         from .prune import prune_graph
 
-        model = onnx.load_from_string(self.model_bytes)
+        setup = self.setup
+        state = {"kept_channels": {k: v.copy() for k, v in setup.kept.items()}}
+        model = self.model
+        if gid is not None:
+            graph = to_graph(model)
+            prune_graph(graph, {gid: ratio}, calibration=self.data, session_factory=_session, state=state,
+                        **setup.prune_options)
+            model = to_model(graph, self.model)
+        # bnrecal (adaptive BN + bias correction) as the pipeline runs it, with one-thread sessions
         graph = to_graph(model)
-        state: dict = {}
-        calibration = dataset_from_arrays(model, self.arrays)
-        prune_graph(graph, {gid: ratio}, calibration=calibration, state=state, **self.prune_kwargs)
-        pruned = to_model(graph, model)
-        recal = recalibrate(pruned, calibration, reference=model, kept_channels=state.get("kept_channels"))
-        return cosine_fidelity(run_outputs(recal, self.arrays), self.reference_outputs)
+        ctx = _ScanContext(options=dict(setup.recal_options), calibration=self.data, reference=self.reference,
+                           template=model, state=state)
+        BNRecal().run(graph, ctx)
+        return measure(setup.metric, self.run(to_model(graph, model)), setup.base_output, setup.labels)
+
+    def run(self, model: onnx.ModelProto) -> np.ndarray:
+        session = _session(model)
+        output = model.graph.output[0].name
+        return np.concatenate([session.run([output], feeds)[0] for feeds, _ in self.data.batches()])
 
 
-_WORKER: _Scanner | None = None
+def measure(metric: str, output: np.ndarray, base: np.ndarray, labels: np.ndarray | None) -> float:
+    """Quality of `output` against the base model's `base` (cosine, snr in dB) or labels (top1)."""
+    if metric == "top1":
+        n = len(output)
+        return float(np.mean(output.reshape(n, -1).argmax(axis=1) == np.asarray(labels).reshape(-1)))
+    a = np.asarray(base, dtype=np.float64).reshape(-1)
+    b = np.asarray(output, dtype=np.float64).reshape(-1)
+    if metric == "cosine":
+        denom = math.sqrt(float(a @ a) * float(b @ b))
+        return float(a @ b) / denom if denom > 0 else float(np.array_equal(a, b))
+    noise = float((a - b) @ (a - b))
+    if noise == 0:
+        return SNR_CAP_DB
+    signal = float(a @ a)
+    return min(SNR_CAP_DB, 10 * math.log10(signal / noise)) if signal > 0 else -SNR_CAP_DB
 
 
-def _init_worker(scanner: _Scanner) -> None:
-    global _WORKER
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _WORKER = scanner
+_WORKER: dict[str, _Scanner] = {}
 
 
-def _work(task: tuple[str, float]) -> float:
-    assert _WORKER is not None
-    return _WORKER.evaluate(*task)
+def _worker_init(setup: _Setup) -> None:
+    _WORKER["scanner"] = _Scanner(setup)
 
 
-def scan(scanner: _Scanner, tasks: list[tuple[str, float]], jobs: int = 1, progress: bool = False) -> list[float]:
-    """Quality of every (group id, ratio) task, in task order."""
-    bar = None
-    if progress:
-        from tqdm import tqdm
+def _worker_task(gid: str | None, ratio: float) -> tuple[str | None, float, float]:
+    return gid, ratio, _WORKER["scanner"].quality(gid, ratio)
 
-        bar = tqdm(total=len(tasks), desc="prune auto: sensitivity scan", unit="candidate", leave=False)
-    results: list[float] = []
+
+def _scan(setup: _Setup, tasks: list[tuple[str | None, float]], jobs: int,
+          progress: bool) -> dict[tuple[str | None, float], float]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc="prune auto: sensitivity scan", unit="candidate", leave=False,
+               disable=not progress)
+    results: dict[tuple[str | None, float], float] = {}
     try:
-        if jobs <= 1:
-            for task in tasks:
-                results.append(scanner.evaluate(*task))
-                if bar is not None:
-                    bar.update(1)
+        if jobs <= 1 or len(tasks) <= 1:
+            scanner = _Scanner(setup)
+            for gid, ratio in tasks:
+                results[(gid, ratio)] = scanner.quality(gid, ratio)
+                bar.update()
         else:
             import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
 
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_init_worker, initargs=(scanner,)) as pool:
-                for quality in pool.map(_work, tasks):  # map keeps the task order
-                    results.append(quality)
-                    if bar is not None:
-                        bar.update(1)
+            context = multiprocessing.get_context("spawn")  # no fork of a process running onnxruntime threads
+            with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context,
+                                     initializer=_worker_init, initargs=(setup,)) as pool:
+                futures = [pool.submit(_worker_task, gid, ratio) for gid, ratio in tasks]
+                try:
+                    for future in as_completed(futures):
+                        gid, ratio, value = future.result()
+                        results[(gid, ratio)] = value
+                        bar.update()
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return results
 
 
-# ---------------------------------------------------------------- choosing ratios
+# ---------------------------------------------------------------- rendering
 
 
-def knee_ratio(ratios: Sequence[float], quality: Sequence[float]) -> tuple[float, bool]:
-    """(ratio, found by Kneedle) for one group's concave decreasing quality curve."""
-    from ocomp.kneedle import knee
+def render_curves(curves: Mapping[str, Mapping[str, Any]], metric: str, budget: Mapping[str, Any]) -> str:
+    """A text table: one row a group, its quality at each candidate ratio, knee and chosen ratio."""
+    from ocomp.report import table
 
+    if not curves:
+        return "no prunable group to scan"
+    ratios = next(iter(curves.values()))["ratios"]
+    digits = 5 if metric == "cosine" else (2 if metric == "snr" else 3)
+    rows = [[gid] + [f"{q:.{digits}f}" for q in c["quality"]] + [f"{c['knee']:g}", f"{c['chosen']:g}"]
+            for gid, c in curves.items()]
+    head = ["group"] + [f"{r:g}" for r in ratios] + ["knee", "chosen"]
+    return (f"sensitivity ({metric} vs ratio)\n" + table(head, rows) + "\n" + budget["outcome"])
+
+
+def _file_name(group_id: str, used: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", group_id).strip("._") or "group"
+    name, i = base, 1
+    while name in used:
+        name, i = f"{base}_{i}", i + 1
+    used.add(name)
+    return name + ".png"
+
+
+def write_plots(details: Mapping[str, Any], folder: str | Path) -> list[Path]:
+    """One PNG a sensitivity curve of details["auto"] (a prune report's details), knee and chosen ratio marked."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = details.get("auto") or {}
+    metric = (details.get("auto_scan") or {}).get("metric", "quality")
+    folder = Path(folder)
     try:
-        found = knee(list(ratios), list(quality), curve="concave", direction="decreasing", S=1.0)
-    except ValueError:
-        found = None
-    if found is not None:
-        return float(found), True
-    best = max(quality)
-    limit = best - KNEE_TOLERANCE * abs(best)
-    ok = [r for r, q in zip(ratios, quality) if q >= limit]
-    return float(max(ok)), False
-
-
-def ratios_at(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], level: float) -> dict[str, float]:
-    """Each group's largest candidate ratio whose quality >= level (0 when none)."""
-    out = {}
-    for gid, (ratios, quality) in curves.items():
-        ok = [r for r, q in zip(ratios, quality) if q >= level]
-        out[gid] = float(max(ok)) if ok else 0.0
-    return out
-
-
-def kept_fractions(model: onnx.ModelProto, ratios: Mapping[str, float], prune_kwargs: Mapping[str, Any],
-                   base: Any) -> tuple[float, float]:
-    """(MACs, params) of `model` pruned with `ratios`, as fractions of `base` (a ModelStats)."""
-    from ocomp.metrics import model_stats
-    from ocomp.model import to_graph, to_model
-
-    from .prune import prune_graph
-
-    graph = to_graph(model)
-    kwargs = {k: v for k, v in prune_kwargs.items() if k != "criterion"}
-    # the activation criterion changes which channels go, not how many: l1 counts the same MACs/params
-    criterion = "l1" if prune_kwargs.get("criterion") == "activation" else prune_kwargs.get("criterion", "l1")
-    prune_graph(graph, dict(ratios), criterion=criterion, **kwargs)
-    stats = model_stats(to_model(graph, model))
-    return stats.macs / max(base.macs, 1), stats.params / max(base.params, 1)
-
-
-def choose(model: onnx.ModelProto, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-           prune_kwargs: Mapping[str, Any], target_macs: float = 0.0,
-           target_params: float = 0.0) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
-    """(knee ratios, chosen ratios, budget outcome)."""
-    from ocomp.metrics import model_stats
-
-    knees = {}
-    knee_found = {}
-    for gid, (ratios, quality) in curves.items():
-        knees[gid], knee_found[gid] = knee_ratio(ratios, quality)
-    budget: dict[str, Any] = dict(target_macs=target_macs or None, target_params=target_params or None,
-                                  knee_found=knee_found)
-    base = model_stats(model)
-
-    def meets(ratios: Mapping[str, float]) -> tuple[bool, float, float]:
-        macs, params = kept_fractions(model, ratios, prune_kwargs, base)
-        ok = (not target_macs or macs <= target_macs + 1e-12) and (not target_params or params <= target_params + 1e-12)
-        return ok, macs, params
-
-    ok, macs, params = meets(knees)
-    budget.update(knee_macs_fraction=macs, knee_params_fraction=params)
-    if ok or not (target_macs or target_params):
-        budget.update({"lambda": None})
-        budget.update(method="knee", met=ok if (target_macs or target_params) else None,
-                      macs_fraction=macs, params_fraction=params)
-        return knees, dict(knees), budget
-
-    # bisect the global quality threshold over the measured quality levels (descending)
-    levels = sorted({q for _, quality in curves.values() for q in quality}, reverse=True)
-    levels.append(-math.inf)  # every group at its largest candidate ratio
-    cache: dict[int, tuple[bool, float, float]] = {}
-
-    def at(i: int) -> tuple[bool, float, float]:
-        if i not in cache:
-            cache[i] = meets(ratios_at(curves, levels[i]))
-        return cache[i]
-
-    lo, hi = 0, len(levels) - 1  # find the first (largest lambda) index that meets the target
-    if not at(hi)[0]:
-        chosen = ratios_at(curves, levels[hi])
-        _, macs, params = at(hi)
-        budget["lambda"] = None
-        budget.update(method="lambda", met=False, macs_fraction=macs, params_fraction=params,
-                      note="the target is out of reach with the candidate ratios: every group at its largest")
-        return knees, chosen, budget
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if at(mid)[0]:
-            hi = mid
-        else:
-            lo = mid + 1
-    _, macs, params = at(lo)
-    lam = levels[lo]
-    budget["lambda"] = None if math.isinf(lam) else float(lam)
-    budget.update(method="lambda", met=True, macs_fraction=macs,
-                  params_fraction=params, evaluations=len(cache))
-    return knees, ratios_at(curves, lam), budget
-
-
-# ---------------------------------------------------------------- plots
-
-
-def plot_curves(directory: str, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-                knees: Mapping[str, float], chosen: Mapping[str, float]) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("--prune-plot needs matplotlib: pip install ocomp[plot]") from None
-    os.makedirs(directory, exist_ok=True)
-    written = []
-    for gid, (ratios, quality) in curves.items():
-        fig, ax = plt.subplots(figsize=(4, 3))
-        ax.plot(ratios, quality, "o-", label="quality")
-        k = knees[gid]
-        ax.axvline(k, color="r", linestyle="--", label=f"knee {k:g}")
-        if chosen[gid] != k:
-            ax.axvline(chosen[gid], color="g", linestyle=":", label=f"chosen {chosen[gid]:g}")
-        ax.set_xlabel("pruning ratio")
-        ax.set_ylabel("output cosine similarity")
-        ax.set_title(gid, fontsize=8)
-        ax.legend(fontsize=7)
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OcompError(f"--prune-plot: cannot create folder {folder}: {exc.strerror or exc}") from None
+    written, used = [], set()
+    for gid, curve in curves.items():
+        x, y = curve["ratios"], curve["quality"]
+        fig = Figure(figsize=(5, 3.5), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.plot(x, y, "o-", color="tab:blue", label=metric)
+        if curve.get("monotone") is not None and list(curve["monotone"]) != list(y):
+            ax.plot(x, curve["monotone"], "--", color="tab:gray", label="monotone")
+        k = x.index(curve["knee"])
+        ax.axvline(curve["knee"], color="tab:red", linestyle=":")
+        ax.plot([curve["knee"]], [curve["monotone"][k]], "o", color="tab:red", markersize=10, fillstyle="none",
+                label=f"knee {curve['knee']:g}")
+        if "chosen" in curve:
+            c = x.index(curve["chosen"])
+            ax.plot([curve["chosen"]], [curve["monotone"][c]], "*", color="tab:green", markersize=12,
+                    label=f"chosen {curve['chosen']:g}")
+        ax.set_xlabel("ratio of channels removed")
+        ax.set_ylabel(metric)
+        ax.set_title(gid, fontsize=9)
+        ax.legend(fontsize=8)
         fig.tight_layout()
-        path = os.path.join(directory, "".join(c if c.isalnum() or c in "._-" else "_" for c in gid) + ".png")
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
+        path = folder / _file_name(gid, used)
+        try:
+            fig.savefig(path)
+        except OSError as exc:
+            raise OcompError(f"--prune-plot: cannot write {path}: {exc.strerror or exc}") from None
         written.append(path)
     return written
-
-
-# ---------------------------------------------------------------- entry point
-
-
-def auto_ratios(model: onnx.ModelProto, group_ids: Sequence[str], calibration: Any, opts: Mapping[str, Any],
-                progress: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
-    """Chosen ratio by group id, and the report details ({"auto": curves, "auto_budget": outcome})."""
-    if calibration is None:
-        raise UsageError("--prune-ratio auto needs --calib")
-    ratios = parse_ratios(opts.get("auto_ratios", "0.1,0.2,0.3,0.4,0.5,0.6,0.7"))
-    samples = int(opts.get("auto_samples", 128))
-    jobs = int(opts.get("jobs", 1))
-    data = calibration.take(samples) if hasattr(calibration, "take") else calibration
-    parts: dict[str, list[np.ndarray]] = {}
-    for feeds, _ in data.batches():
-        for k, v in feeds.items():
-            parts.setdefault(k, []).append(np.asarray(v))
-    if not parts:
-        raise OcompError("--prune-ratio auto: the calibration data is empty")
-    arrays = {k: np.concatenate(v) for k, v in parts.items()}
-    prune_kwargs = dict(criterion=opts.get("criterion", "l1"), multiple=int(opts.get("multiple", 1)),
-                        min_channels=int(opts.get("min_channels", 1)), prune_dead=bool(opts.get("dead", True)))
-    scanner = _Scanner(model.SerializeToString(), arrays, run_outputs(model, arrays), prune_kwargs)
-    tasks = [(gid, r) for gid in group_ids for r in ratios]
-    quality = scan(scanner, tasks, jobs=jobs, progress=progress) if tasks else []
-    curves = {gid: (list(ratios), quality[i * len(ratios):(i + 1) * len(ratios)]) for i, gid in enumerate(group_ids)}
-    knees, chosen, budget = choose(model, curves, prune_kwargs, float(opts.get("target_macs", 0.0) or 0.0),
-                                   float(opts.get("target_params", 0.0) or 0.0))
-    budget["samples"] = len(next(iter(arrays.values())))
-    budget["metric"] = "cosine similarity of the outputs vs the unpruned model, after bnrecal"
-    if opts.get("plot"):
-        budget["plots"] = plot_curves(str(opts["plot"]), curves, knees, chosen)
-    details = {gid: {"ratios": curves[gid][0], "quality": curves[gid][1], "knee": knees[gid], "chosen": chosen[gid]}
-               for gid in group_ids}
-    return chosen, {"auto": details, "auto_budget": budget}

@@ -35,6 +35,7 @@ from ocomp.errors import UsageError
 from ocomp.pipeline import Context, Option, Pass, Report, fraction, key_value, register
 
 from . import channels as ch
+from .autoprune import DEFAULT_RATIOS, METRICS, budget_fraction, ratio_list
 from .channels import ChannelAnalysis, ChannelGroup, Consumer, analyze, attr, constant_value, input_at
 
 CRITERIA = ("l1", "l2", "bn", "activation")
@@ -63,15 +64,6 @@ def positive_int(value: Any) -> int:
 
 
 positive_int.__name__ = "int"
-
-
-def _auto_ratios(value: Any) -> str:
-    from .autoprune import parse_ratios
-
-    return ",".join(f"{r:g}" for r in parse_ratios(value))
-
-
-_auto_ratios.__name__ = "ratios"
 
 
 # ---------------------------------------------------------------- results
@@ -127,16 +119,18 @@ class Prune(Pass):
         Option("multiple", positive_int, 1, "round kept channel counts up to a multiple of this (PE width)"),
         Option("dead", bool, True, "remove channels with exactly constant output first, folding them into "
                "the consumer's bias"),
-        Option("auto_ratios", _auto_ratios, "0.1,0.2,0.3,0.4,0.5,0.6,0.7", "--prune-ratio auto: candidate ratios "
-               "scanned per group (comma-separated)"),
-        Option("auto_samples", positive_int, 128, "--prune-ratio auto: calibration samples used by the scan"),
-        Option("target_macs", fraction, 0.0, "--prune-ratio auto: keep at most this fraction of the MACs "
-               "(0: no target)"),
-        Option("target_params", fraction, 0.0, "--prune-ratio auto: keep at most this fraction of the params "
-               "(0: no target)"),
-        Option("jobs", positive_int, 1, "--prune-ratio auto: processes for the sensitivity scan"),
-        Option("plot", str, "", "--prune-ratio auto: write one PNG a group's quality curve into this folder "
-               "(needs matplotlib)"),
+        Option("target_macs", budget_fraction, None, "--prune-ratio auto: keep at most this fraction of the MACs "
+               "of the model entering the pass, e.g. 0.5 (0: no target)"),
+        Option("target_params", budget_fraction, None, "--prune-ratio auto: keep at most this fraction of the "
+               "params (0: no target); without any target the knee ratios are used as they are"),
+        Option("auto_ratios", ratio_list, DEFAULT_RATIOS, "--prune-ratio auto: candidate ratios scanned per group "
+               "(comma-separated)"),
+        Option("auto_samples", positive_int, 256, "--prune-ratio auto: calibration samples used by the scan"),
+        Option("auto_metric", str, "cosine", "--prune-ratio auto: quality measured by the scan: cosine (of the "
+               "logits vs the unpruned model), snr (dB, same), top1 (accuracy, needs labels)", choices=METRICS),
+        Option("jobs", positive_int, 1, "--prune-ratio auto: processes for the sensitivity scan (one thread each)"),
+        Option("plot", str, None, "--prune-ratio auto: write one PNG a group's quality curve (knee marked) into "
+               "this folder (needs matplotlib: pip install ocomp[plot])"),
     )
     needs = frozenset()
 
@@ -145,30 +139,20 @@ class Prune(Pass):
         report = Report(self.name)
         if opts["criterion"] == "activation" and ctx.calibration is None:
             raise UsageError("--prune-criterion activation needs calibration data: give --calib")
-        auto = opts["ratio"] == "auto"
-        if auto and ctx.calibration is None:
-            raise UsageError("--prune-ratio auto needs --calib")
-        model = ctx.export(graph) if auto else None  # exported before the analysis (export cleans the graph up)
+        if opts["ratio"] == "auto":
+            from .autoprune import run_auto
+
+            return run_auto(graph, ctx, report, lambda g: self.group_ratios(analyze(g), opts, report))
+        for key in ("target_macs", "target_params", "plot"):
+            if opts[key]:
+                raise UsageError(f"--prune-{key.replace('_', '-')} needs --prune-ratio auto")
         analysis = analyze(graph)
         ratios = self.group_ratios(analysis, opts, report)
-        if auto:
-            from .autoprune import auto_ratios
-
-            scanned = [gid for gid, r in ratios.items() if r is None]
-            chosen, details = auto_ratios(model, scanned, ctx.calibration, opts, progress=ctx.progress)
-            ratios = {gid: chosen.get(gid, r) for gid, r in ratios.items()}
-            ratios = {gid: r for gid, r in ratios.items() if r is not None}
-            report.details.update(details)
         prune_graph(graph, ratios, criterion=opts["criterion"], multiple=opts["multiple"],
                     min_channels=opts["min_channels"], calibration=ctx.calibration,
                     session_factory=_ctx_session_factory(ctx), state=ctx.state, report=report,
                     prune_dead=opts["dead"], export=ctx.export,
                     analysis=None if opts["criterion"] == "activation" else analysis)
-        if auto:
-            for row in report.layers:
-                for gid, r in ratios.items():
-                    if f"group {gid};" in row.note:
-                        row.note += f"; auto ratio {r:g}"
         return report
 
     def group_ratios(self, analysis: ChannelAnalysis, opts: Mapping[str, Any],
