@@ -94,6 +94,7 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
     evaluation_set = _open_data(eval_data, model, data_options) if eval_data is not None else None
 
     result = run_passes(model, names, merged, calibration=calibration, reference=reference, progress=progress)
+    _write_prune_plots(result.reports)
     out = result.model
     add_provenance(out, [{"name": r.pass_name, "options": r.options} for r in result.reports])
     save_model(out, output_path)
@@ -108,6 +109,15 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
     if report is not None:
         atomic_write(report, json.dumps(outcome.to_dict(), indent=2, default=str).encode())
     return outcome
+
+
+def _write_prune_plots(reports: Sequence[Report]) -> None:
+    """--prune-plot DIR: the sensitivity curves of `--prune-ratio auto` as PNGs (passes never write files)."""
+    for rep in reports:
+        if rep.pass_name == "prune" and rep.options.get("plot") and "auto" in rep.details:
+            from .passes.autoprune import write_plots
+
+            rep.details["plots"] = [str(p) for p in write_plots(rep.details, rep.options["plot"])]
 
 
 def _open_data(path: str | os.PathLike, model: onnx.ModelProto, data_options: Any):
