@@ -24,13 +24,26 @@ from ocomp.pipeline import Context, Pass, Report, register
 TERNARY_OPS = ("TernaryConv", "TernaryGemm", "TernaryMatMul")
 
 
+def constant(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """const_value, also through Identity nodes (PyTorch's exporter dedupes equal initializers that way)."""
+    for _ in range(8):
+        value = const_value(tensor)
+        if value is not None or tensor is None:
+            return value
+        node = producer(tensor)
+        if node is None or node.op != "Identity" or node.domain not in STANDARD_DOMAINS:
+            return None
+        tensor = node.inputs[0]
+    return None
+
+
 def bn_affine(graph: gs.Graph, bn: gs.Node) -> tuple[np.ndarray, np.ndarray] | str:
     """(scale, shift) of an inference-mode BN (float64), or the reason it cannot be folded."""
     if int(bn.attrs.get("training_mode", 0)):
         return "training_mode=1"
     if any(o.outputs or is_graph_output(graph, o) for o in bn.outputs[1:]):
         return "its running-statistics outputs are used"
-    params = [const_value(input_at(bn, i)) for i in range(1, 5)]
+    params = [constant(input_at(bn, i)) for i in range(1, 5)]
     if any(p is None for p in params):
         return "its scale/bias/mean/var are not constants"
     gamma, beta, mean, var = (np.asarray(p, dtype=np.float64).reshape(-1) for p in params)
@@ -73,7 +86,7 @@ def foldable_reason(graph: gs.Graph, layer: gs.Node, bn: gs.Node) -> str | None:
     if not is_ternary and const_value(input_at(layer, 1)) is None:
         return f"the weight of {layer.name} is not a constant"
     bias = input_at(layer, 3 if is_ternary else 2)
-    if bias is not None and const_value(bias) is None:
+    if bias is not None and constant(bias) is None:
         return f"the bias of {layer.name} is not a constant"
     if layer.op == "TernaryMatMul":
         shape = layer.outputs[0].shape
@@ -88,7 +101,7 @@ def foldable_reason(graph: gs.Graph, layer: gs.Node, bn: gs.Node) -> str | None:
     if affine[0].size != channels:
         return f"BN has {affine[0].size} channels, the layer {channels}"
     if layer.op == "Gemm" and bias is not None:
-        if np.asarray(const_value(bias)).size not in (1, channels) or np.asarray(const_value(bias)).ndim > 2:
+        if np.asarray(constant(bias)).size not in (1, channels) or np.asarray(constant(bias)).ndim > 2:
             return "the Gemm bias C is not a per-output vector"
     return None
 
@@ -114,7 +127,7 @@ def fold_bn(graph: gs.Graph, layer: gs.Node, bn: gs.Node) -> None:
     name = layer.name or layer.outputs[0].name
     if layer.domain == CUSTOM_DOMAIN:
         alpha = np.asarray(const_value(layer.inputs[2]), dtype=np.float64)
-        bias = const_value(input_at(layer, 3))
+        bias = constant(input_at(layer, 3))
         bias = np.zeros_like(scale) if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
         set_input(graph, layer, 2, (alpha * scale).astype(np.float32), f"{name}.alpha")
         set_input(graph, layer, 3, (bias * scale + shift).astype(np.float32), f"{name}.bias")
@@ -122,7 +135,7 @@ def fold_bn(graph: gs.Graph, layer: gs.Node, bn: gs.Node) -> None:
         weight = np.asarray(const_value(layer.inputs[1]))
         dtype = weight.dtype
         w = weight.astype(np.float64)
-        bias = const_value(input_at(layer, 2))
+        bias = constant(input_at(layer, 2))
         bias = np.zeros_like(scale) if bias is None else np.asarray(bias, dtype=np.float64)
         if layer.op == "Conv":
             w = w * scale.reshape(-1, *([1] * (w.ndim - 1)))

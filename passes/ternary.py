@@ -21,7 +21,7 @@ from ocomp.graph import STANDARD_DOMAINS, const_value, input_at, is_graph_output
 from ocomp.model import CUSTOM_DOMAIN, to_graph, to_model
 from ocomp.pipeline import Context, Option, Pass, Report, register
 
-from .foldbn import fold_bn, foldable_reason, sole_bn_consumer
+from .foldbn import constant, fold_bn, foldable_reason, sole_bn_consumer
 
 CODE_ZERO = 0b00
 CODE_PLUS = 0b01
@@ -163,7 +163,7 @@ def _match(graph: gs.Graph, node: gs.Node) -> dict:
         bias_in = input_at(node, 2)
         bias = None
         if bias_in is not None:
-            bias = const_value(bias_in)
+            bias = constant(bias_in)
             if bias is None:
                 raise _Skip("bias is not a constant")
         return dict(op="TernaryConv", weight=weight, attrs=attrs, scale=1.0, bias=bias,
@@ -177,7 +177,7 @@ def _match(graph: gs.Graph, node: gs.Node) -> dict:
         bias = None
         c_in = input_at(node, 2)
         if c_in is not None:
-            bias = _per_output_vector(const_value(c_in), rows.shape[0])
+            bias = _per_output_vector(constant(c_in), rows.shape[0])
             if bias is None:
                 raise _Skip("Gemm bias C is not a constant of shape [N] or [1,N]")
             bias = bias * float(node.attrs.get("beta", 1.0))
@@ -196,8 +196,8 @@ def _match(graph: gs.Graph, node: gs.Node) -> dict:
         add = out.outputs[0]
         if add.op == "Add" and add.domain in STANDARD_DOMAINS and len(add.inputs) == 2:
             other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-            vector = _per_output_vector(const_value(other), rows.shape[0])
-            if other is not out and vector is not None and np.asarray(const_value(other)).ndim <= len(x_shape):
+            vector = _per_output_vector(constant(other), rows.shape[0])
+            if other is not out and vector is not None and np.asarray(constant(other)).ndim <= len(x_shape):
                 bias, outputs, absorbed = vector, list(add.outputs), [add]
     return dict(op="TernaryMatMul", weight=rows, attrs={}, scale=1.0, bias=bias, outputs=outputs, absorbed=absorbed)
 

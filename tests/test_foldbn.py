@@ -126,3 +126,16 @@ def test_non_foldable_bns_are_skipped_with_reasons() -> None:
     assert bn_count(result.model) == 3 and not result.reports[0].layers
     feeds = {"x": rng.normal(size=(2, 4, 3, 3)).astype(np.float32)}
     assert compare_outputs(zoo.run(model, feeds)[0], zoo.run(result.model, feeds)[0])["max_rel"] == 0.0
+
+
+def test_resnet20_all_bns_folded(shared_dir) -> None:
+    """The PyTorch export shares equal BN biases through Identity nodes; those BNs fold too."""
+    from ocomp.model import load_model
+
+    model = load_model(shared_dir / "resnet20_fashion_mnist.onnx")
+    assert bn_count(model) == 21
+    out = run_passes(model, ["foldbn"]).model
+    assert bn_count(out) == 0
+    images = np.load(shared_dir / "fashion_mnist_test.npz")["images"][:64].astype(np.float32) / 255.0
+    metrics = compare_outputs(zoo.run(model, {"input": images})[0], zoo.run(out, {"input": images})[0])
+    assert metrics["max_rel"] < TOLERANCE, metrics

@@ -295,12 +295,15 @@ def test_resnet20_fashion_mnist(shared_dir: Path, tmp_path: Path) -> None:
     data = np.load(shared_dir / "fashion_mnist_test.npz")
     images = data["images"][:1000].astype(np.float32) / 255.0
     labels = data["labels"][:1000]
+    reference = zoo.run(dequantize(result.model), {"input": images})[0]
     try:
         from ocomp.runtime import session
-
-        logits = session(result.model).run(None, {"input": images})[0]
     except ImportError:
-        logits = zoo.run(dequantize(result.model), {"input": images})[0]
+        logits = reference
+    else:
+        logits = session(result.model).run(None, {"input": images})[0]
+        metrics = compare_outputs(reference, logits)
+        assert metrics["max_rel"] < 1e-4 and metrics["cosine"] > 1 - 1e-4, metrics
     accuracy = topk_accuracy(logits, labels, 1)
     print(f"resnet20 ternary: file ratio {ratio:.2f}, top-1 {accuracy:.3f}, pass {seconds:.2f} s")
     assert ratio > 5 and seconds < 10
