@@ -235,10 +235,13 @@ class Ternary(Pass):
     options = (
         Option("threshold", str, "optimal", "how T and alpha are chosen: 'optimal' (least squares, exact) or "
                "'twn' (Delta = 0.7*mean|W|)", choices=("optimal", "twn")),
-        Option("skip", str, (), "leave this layer (node name) in float; repeatable", multiple=True),
-        Option("keep_first", bool, True, "keep the first weighted layer(s) in float"),
-        Option("keep_last", bool, True, "keep the last weighted layer(s) in float"),
-        Option("min_params", int, DEFAULT_MIN_PARAMS, "layers with fewer weights stay float"),
+        Option("skip", str, (), "leave this layer (node name) in float", multiple=True),
+        Option("keep_first", bool, True, "keep the first weighted layer(s) in float (those with no weighted layer "
+               "upstream), as is usual for ternary networks"),
+        Option("keep_last", bool, True, "keep the last weighted layer(s) in float (those with no weighted layer "
+               "downstream: the classifier, every head of a multi-output model)"),
+        Option("min_params", int, DEFAULT_MIN_PARAMS, "layers with fewer weights stay float: tiny layers (depthwise "
+               "3x3, SE convs, small 1x1 shortcuts) save a few bytes and are the most sensitive to ternary"),
         Option("fold_bn", bool, False, "fold a following BatchNormalization into alpha and bias "
                "(off by default so bnrecal can recalibrate BN after ternary)"),
     )
