@@ -20,6 +20,7 @@ from ocomp.model import infer_shapes, load_model, save_model
 from ocomp.passes.ternary import (dequantize, pack_ternary, ternarize_optimal, ternarize_twn, ternary_error,
                                   unpack_ternary)
 from ocomp.pipeline import run_passes
+from ocomp.runtime import session
 
 ALL_LAYERS = {"min_params": 0, "keep_first": False, "keep_last": False}
 
@@ -31,15 +32,6 @@ def ternary(model: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, dict]:
 
 def custom_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.domain == "ocomp"]
-
-
-def runtime_session():
-    """The real kernels (ocomp.runtime.session), or a skip while they are not built."""
-    try:
-        from ocomp.runtime import session
-    except ImportError as exc:
-        pytest.skip(f"ocomp.runtime.session not available yet: {exc}")
-    return session
 
 
 def max_rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -139,7 +131,6 @@ def test_zoo_model_all_layers(zoo_model: onnx.ModelProto) -> None:
 
 
 def test_runtime_matches_dequantized(zoo_model: onnx.ModelProto) -> None:
-    session = runtime_session()
     out, _ = ternary(zoo_model, **ALL_LAYERS)
     feeds = zoo.random_input(zoo_model, batch=2)
     expected = zoo.run(dequantize(out), feeds)[0]
@@ -283,6 +274,26 @@ def test_cli_compress_then_inspect(tmp_path: Path) -> None:
     assert source.stat().st_size / out.stat().st_size > 5  # 32-bit floats -> 2-bit codes, weights dominate
 
 
+def test_cli_skip_and_fold_bn(tmp_path: Path) -> None:
+    """--ternary-skip and --ternary-fold-bn reach the pass from the command line; folding is exact."""
+    model = zoo.build("flatten_gemm")
+    source, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, source)
+    result = CliRunner().invoke(main, ["compress", str(source), "-o", str(out), "--passes", "ternary",
+                                       "--ternary-no-keep-first", "--ternary-no-keep-last",
+                                       "--ternary-min-params", "0", "--ternary-skip", "classifier.0",
+                                       "--ternary-fold-bn", "-q"])
+    assert result.exit_code == 0, result.output
+    folded = onnx.load(out)
+    ops = {n.name: (n.domain, n.op_type) for n in folded.graph.node}
+    assert ops["classifier.0"] == ("", "Gemm")
+    assert ops["features.0.conv"] == ops["features.2.conv"] == ("ocomp", "TernaryConv")
+    assert not [n for n in folded.graph.node if n.op_type == "BatchNormalization"]  # all three BNs folded
+    unfolded, _ = ternary(model, **ALL_LAYERS, skip=["classifier.0"])
+    feeds = zoo.random_input(model, batch=2)
+    assert max_rel(zoo.run(dequantize(unfolded), feeds)[0], zoo.run(dequantize(folded), feeds)[0]) < 1e-5
+
+
 def test_resnet20_fashion_mnist(shared_dir: Path, tmp_path: Path) -> None:
     source = shared_dir / "resnet20_fashion_mnist.onnx"
     model = load_model(source)
@@ -295,16 +306,17 @@ def test_resnet20_fashion_mnist(shared_dir: Path, tmp_path: Path) -> None:
     data = np.load(shared_dir / "fashion_mnist_test.npz")
     images = data["images"][:1000].astype(np.float32) / 255.0
     labels = data["labels"][:1000]
+    onnx.checker.check_model(result.model)
+    assert len(custom_nodes(result.model)) == 19  # every conv but the stem; the fc is kept as the last layer
     reference = zoo.run(dequantize(result.model), {"input": images})[0]
-    try:
-        from ocomp.runtime import session
-    except ImportError:
-        logits = reference
-    else:
-        logits = session(result.model).run(None, {"input": images})[0]
-        metrics = compare_outputs(reference, logits)
-        assert metrics["max_rel"] < 1e-4 and metrics["cosine"] > 1 - 1e-4, metrics
+    logits = session(result.model).run(None, {"input": images})[0]
+    metrics = compare_outputs(reference, logits)
+    assert metrics["max_rel"] < 1e-4 and metrics["cosine"] > 1 - 1e-4, metrics
     accuracy = topk_accuracy(logits, labels, 1)
-    print(f"resnet20 ternary: file ratio {ratio:.2f}, top-1 {accuracy:.3f}, pass {seconds:.2f} s")
+    float_accuracy = topk_accuracy(zoo.run(model, {"input": images})[0], labels, 1)
+    print(f"resnet20 ternary: file ratio {ratio:.2f}, top-1 {accuracy:.3f} (float {float_accuracy:.3f}), "
+          f"pass {seconds:.2f} s")
     assert ratio > 5 and seconds < 10
-    assert accuracy > 0.15  # sanity floor: post-training ternary without BN recalibration loses a lot
+    # sanity floor only (chance is 0.10): post-training ternary without BN recalibration loses a lot
+    # (measured 0.216 on these 1000 images, float 0.935; an independent alpha*T reference gives the same)
+    assert accuracy > 0.15
