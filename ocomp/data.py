@@ -268,8 +268,9 @@ class Dataset:
         return subset
 
     def batches(self, batch_size: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
-        size = batch_size or self.batch_size
+        """`batch_size` overrides --batch-size, except for inputs with a fixed batch size (always fed that)."""
         fixed = {s.fixed_batch for s in self.specs} - {None}
+        size = self.batch_size if fixed else (batch_size or self.batch_size)
         if fixed and len(self) % size:
             spec = next(s for s in self.specs if s.fixed_batch)
             raise OcompError(f"{self.source}: input '{spec.name}' has a fixed batch size of {spec.fixed_batch}; "
@@ -297,6 +298,8 @@ class ArrayDataset(Dataset):
             raise OcompError(f"{source}: arrays have different sample counts: "
                              + ", ".join(f"{k} {v}" for k, v in counts.items()))
         super().__init__(source, specs, next(iter(counts.values())), options)
+        if self._count == 0:
+            raise OcompError(f"{source}: the data set holds no samples")
         self.arrays = arrays
         self._labels = labels
         if options.limit is not None:

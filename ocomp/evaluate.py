@@ -105,11 +105,13 @@ def evaluate(model: onnx.ModelProto, dataset, reference: onnx.ModelProto | None 
             correct5 += int(hits.any(axis=1).sum())
         if ref_session is not None:
             fidelity.add(ref_session.run([ref_output], feeds)[0], logits)
+    if samples == 0:
+        raise OcompError(f"{getattr(dataset, 'source', 'the data set')}: no samples to evaluate")
     result: dict[str, Any] = {"samples": samples}
     if labelled:
-        result["top1"] = correct1 / samples if samples else float("nan")
-        result["top5"] = correct5 / samples if samples else float("nan")
-    if ref_session is not None and samples:
+        result["top1"] = correct1 / samples
+        result["top5"] = correct5 / samples
+    if ref_session is not None:
         result.update(fidelity.result())
     return result
 

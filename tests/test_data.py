@@ -286,3 +286,36 @@ def test_cli_option_parsing() -> None:
     with pytest.raises(UsageError, match="--std: values must be non-zero"):
         DataOptions.from_cli(std="1,0,1")
     assert data_mod.DataOptions().scale is None  # None = the documented default (0-1)
+
+
+def test_empty_data_set_is_an_error(tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", input=np.zeros((0, 1, 6, 6), np.float32), labels=np.zeros(0, np.int64))
+    with pytest.raises(OcompError, match="d.npz: the data set holds no samples"):
+        open_dataset(tmp_path / "d.npz", GRAY)
+
+
+def test_fixed_batch_input_ignores_a_requested_batch_size() -> None:
+    fixed2 = model_with(("input", TensorProto.FLOAT, [2, 1, 6, 6]))
+    ds = dataset_from_arrays(fixed2, np.zeros((6, 1, 6, 6), np.float32), options=DataOptions(batch_size=32))
+    assert [len(f["input"]) for f, _ in ds.batches(4)] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"input": np.zeros((4, 3, 6, 6), np.float32)},
+     "input 'input' expects shape (N, 1, 6, 6), the array has (4, 3, 6, 6)"),
+    ({"images": np.zeros((4, 1, 6, 6), np.int32)}, "input 'input' expects dtype float32, array 'images' is int32"),
+    ({"a": np.zeros((4, 1, 6, 6), np.float32), "b": np.zeros((4, 1, 6, 6), np.float32)},
+     "no array named after input 'input' and 2 candidate arrays (a, b)"),
+])
+def test_cli_mismatch_is_one_error_line_and_exit_1(tmp_path: Path, arrays: dict, message: str) -> None:
+    from click.testing import CliRunner
+
+    from ocomp.cli import main
+
+    onnx.save(GRAY, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", labels=np.arange(4), **arrays)
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz")])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert "Traceback" not in result.output

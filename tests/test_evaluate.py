@@ -142,3 +142,15 @@ def test_plain_onnxruntime_fallback_without_the_runtime_library(monkeypatch) -> 
     custom.graph.node[0].domain = "ocomp"
     with pytest.raises(OcompError, match="ocomp custom ops .* runtime library is not available"):
         make_session(custom)
+
+
+def test_progress_bar_and_empty_data(capsys) -> None:
+    model = infer_shapes(zoo.build("plain"))
+    x = zoo.random_input(model, batch=10, seed=8)["input"]
+    dataset = dataset_from_arrays(model, x, labels=np.zeros(10, np.int64), options=DataOptions(batch_size=4))
+    quiet = evaluate(model, dataset)
+    assert "evaluate" not in capsys.readouterr().err
+    shown = evaluate(model, dataset, progress=True)
+    assert "evaluate" in capsys.readouterr().err and shown == quiet  # tqdm on stderr, same figures
+    with pytest.raises(OcompError, match="no samples to evaluate"):
+        evaluate(model, dataset.take(0))
