@@ -7,6 +7,8 @@ D = y - x. A candidate becomes a knee when D falls below its threshold
 T = D_max - S * mean(diff(x)) before the next local maximum (a local minimum resets the
 threshold to 0, as in the reference implementation `kneed`). Offline mode (the default)
 returns the first knee found; `online=True` keeps scanning and returns the last one.
+Only maxima above the chord (D > 0) are candidates, and |D| < 1e-12 counts as 0, so a straight
+line (even with rounding noise) has no knee.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def knee_index(x: Sequence[float], y: Sequence[float], curve: str = "concave", d
     if reverse:
         xn, yn = 1.0 - xn[::-1], yn[::-1]
     diff = yn - xn
+    diff[np.abs(diff) < 1e-12] = 0.0  # rounding noise of the normalization is no curvature (straight lines)
     found = _scan(xn, diff, S, online)
     if found is None:
         return None
@@ -62,6 +65,7 @@ def knee(x: Sequence[float], y: Sequence[float], curve: str = "concave", directi
 def _scan(xn: np.ndarray, diff: np.ndarray, S: float, online: bool) -> int | None:
     inner = np.arange(1, diff.size - 1)
     maxima = inner[(diff[inner] >= diff[inner - 1]) & (diff[inner] >= diff[inner + 1])]
+    maxima = maxima[diff[maxima] > 0]  # a knee lies above the chord (the straight line has D = 0)
     minima = set(inner[(diff[inner] <= diff[inner - 1]) & (diff[inner] <= diff[inner + 1])].tolist())
     if maxima.size == 0:
         return None

@@ -66,3 +66,30 @@ def test_no_knee_and_bad_arguments() -> None:
         knee(range(3), [1, 3, 5], direction="up")
     with pytest.raises(ValueError, match="increasing"):
         knee([0, 2, 1], [1, 3, 5])
+
+
+def test_paper_style_hyperbola_on_integers() -> None:
+    # y = -1/x + 5 on x = 1..10: D = (1 - 1/x)/0.9 - (x - 1)/9 peaks at x = 3 (0.5185); the threshold
+    # 0.5185 - 1/9 = 0.407 is crossed at x = 6 (0.370), so the knee is x = 3
+    x = np.arange(1, 11)
+    assert knee(x, -1.0 / x + 5) == 3.0
+    assert knee(x, 1.0 / x, "convex", "decreasing") == 3.0  # the same curve flipped upside down
+
+
+def test_piecewise_linear_elbow() -> None:
+    x = np.arange(21)
+    rising = np.where(x <= 5, 2.0 * x, 10 + 0.1 * (x - 5))  # steep, then almost flat: knee at 5
+    assert knee(x, rising) == 5.0
+    assert knee(x, -rising, "convex", "decreasing") == 5.0
+    loss = np.where(x <= 8, 0.05 * x, 0.4 + 1.5 * (x - 8))  # flat, then steep: elbow at 8
+    assert knee(x, loss, "convex", "increasing") == 8.0
+    assert knee(x, loss[::-1], "convex", "decreasing") == 12.0
+    assert knee(x, -loss, "concave", "decreasing") == 8.0
+
+
+def test_straight_lines_have_no_knee_despite_rounding() -> None:
+    x = np.linspace(0.0, 1.0, 37)
+    for y in (3.0 * x + 2.0, -0.7 * x + 1.1):
+        direction = "increasing" if y[-1] > y[0] else "decreasing"
+        for curve in ("concave", "convex"):
+            assert knee(x, y, curve, direction) is None, (curve, direction)
