@@ -401,7 +401,9 @@ class ImageFolder(Dataset):
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # hidden files are skipped: macOS copies leave "._name.png" resource forks next to the images
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 def _image_geometry(spec: InputSpec, options: DataOptions) -> tuple[str, int, int, int]:
