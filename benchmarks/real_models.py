@@ -28,17 +28,21 @@ import time
 import traceback
 from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+if __name__ == "__main__":  # before numpy loads OpenBLAS (its idle threads spin); not when imported by tests
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = REPO.parent / "shared" / "reference"
 
-# (label, kind, passes, options); kind "orig" | "int8" | "ocomp"
+# (label, kind, passes, options); kind "orig" | "int8" | "ocomp". int8 options: quantize_static's activation type.
+INT8_U8S8 = "ORT int8 U8S8 (QDQ, per-channel)"
+INT8_S8S8 = "ORT int8 S8S8 (QDQ, per-channel, default types)"
 BASE_CONFIGS = [
     ("original fp32", "orig", None, None),
-    ("ORT int8 (QDQ, per-channel)", "int8", None, None),
+    (INT8_U8S8, "int8", None, {"activation_type": "QUInt8"}),
+    (INT8_S8S8, "int8", None, {"activation_type": "QInt8"}),
     ("prune 0.3", "ocomp", "prune", {"prune": {"ratio": 0.3}}),
     ("prune 0.3 + bnrecal", "ocomp", "prune,bnrecal,foldbn", {"prune": {"ratio": 0.3}}),
     ("prune 0.5", "ocomp", "prune", {"prune": {"ratio": 0.5}}),
@@ -47,45 +51,56 @@ BASE_CONFIGS = [
     ("ternary + bnrecal", "ocomp", "ternary,bnrecal,foldbn", {}),
     ("prune 0.3 + ternary", "ocomp", "prune,ternary", {"prune": {"ratio": 0.3}}),
     ("prune 0.3 + ternary + bnrecal", "ocomp", "prune,ternary,bnrecal,foldbn", {"prune": {"ratio": 0.3}}),
+    # beyond the issue's list: the bn criterion (README's main command) and SIMD-friendly kept channel counts
     ("prune 0.3 (bn criterion) + bnrecal", "ocomp", "prune,bnrecal,foldbn",
      {"prune": {"ratio": 0.3, "criterion": "bn"}}),
+    ("prune 0.3 (multiple 8) + bnrecal", "ocomp", "prune,bnrecal,foldbn", {"prune": {"ratio": 0.3, "multiple": 8}}),
 ]
-QUICK_LABELS = ["original fp32", "ORT int8 (QDQ, per-channel)", "prune 0.3", "prune 0.3 + bnrecal", "ternary",
-                "ternary + bnrecal", "prune 0.3 + ternary"]
-# Larger / unlabelled models: fewer configurations to stay within the time budget.
-SMALL_LABELS = ["original fp32", "ORT int8 (QDQ, per-channel)", "prune 0.3", "prune 0.3 + bnrecal", "ternary",
-                "ternary + bnrecal", "prune 0.3 + ternary + bnrecal"]
+CALIB_IMAGES = 256  # Fashion-MNIST calibration images (resnet20 and the models without data of their own)
+FIDELITY_IMAGES = 500  # Fashion-MNIST test images made into inputs of the unlabelled models
 
 MODELS = {
-    "resnet20": dict(file="resnet20_fashion_mnist.onnx", kind="labelled", input_shapes=None, configs=None),
-    "ppocr_cls": dict(file="ppocr_mobile_v2_cls.onnx", kind="labelled", input_shapes={"x": ["N", 3, 48, 192]},
-                      configs=None),
-    "pplcnet": dict(file="pplcnet_text_orientation.onnx", kind="fidelity", input_shapes=None, configs=SMALL_LABELS),
-    "blazeface": dict(file="blazeface_front_128.onnx", kind="fidelity", input_shapes=None, configs=SMALL_LABELS),
+    "resnet20": dict(file="resnet20_fashion_mnist.onnx", kind="labelled", input_shapes=None),
+    "resnet20_folded": dict(file="resnet20_fashion_mnist_folded.onnx", kind="labelled", input_shapes=None),
+    "ppocr_cls": dict(file="ppocr_mobile_v2_cls.onnx", kind="labelled", input_shapes={"x": ["N", 3, 48, 192]}),
+    "pplcnet": dict(file="pplcnet_text_orientation.onnx", kind="fidelity", input_shapes=None),
+    "blazeface": dict(file="blazeface_front_128.onnx", kind="fidelity", input_shapes=None),
+}
+# How the unlabelled models' own pipelines normalize pixels p in [0, 1]: PP-LCNet (PaddleClas) ImageNet
+# mean/std, NCHW; BlazeFace (MediaPipe) [-1, 1], NHWC.
+FIDELITY_INPUTS = {
+    "pplcnet": dict(input="x", size=224, nhwc=False, batch=25, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                    text="ImageNet mean/std normalization"),
+    "blazeface": dict(input="input:0", size=128, nhwc=True, batch=1, mean=(0.5,), std=(0.5,), text="scaled to [-1, 1]"),
 }
 
 
 # ---------------------------------------------------------------- data
 
 
-def _fashion_images(images: np.ndarray, size: int, nhwc: bool) -> np.ndarray:
-    """Fashion-MNIST uint8 (N,1,28,28) -> float32 [0,1] resized to size x size, 3 channels, model layout."""
+def _fashion_images(images: np.ndarray, spec: dict) -> np.ndarray:
+    """Fashion-MNIST uint8 (N,1,28,28) -> float32 resized to size x size (bilinear), replicated to 3 channels,
+    normalized as the model's pipeline does ((p/255 - mean) / std per channel), in the model's layout."""
     from PIL import Image
 
+    size = spec["size"]
     out = np.empty((len(images), size, size), np.float32)
     for i, img in enumerate(images[:, 0]):
         out[i] = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR), np.float32) / 255.0
     out = np.repeat(out[:, None], 3, axis=1)
-    return np.ascontiguousarray(out.transpose(0, 2, 3, 1)) if nhwc else out
+    mean = np.asarray(spec["mean"], np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(spec["std"], np.float32).reshape(1, -1, 1, 1)
+    out = (out - mean) / std
+    return np.ascontiguousarray(out.transpose(0, 2, 3, 1)) if spec["nhwc"] else np.ascontiguousarray(out)
 
 
 def load_data(name: str, shared: Path, limit: int | None, quick: bool) -> dict:
     """{'calib': array, 'eval': array, 'labels': array|None, 'input': name, 'batch': int, 'note': str}."""
-    if name == "resnet20":
+    if name in ("resnet20", "resnet20_folded"):
         test = np.load(shared / "fashion_mnist_test.npz")
         calib = np.load(shared / "fashion_mnist_calib.npz")
-        n = 200 if quick else (limit or len(test["labels"]))
-        ncal = 128 if quick else 512
+        n = min(limit or len(test["labels"]), len(test["labels"]))
+        ncal = CALIB_IMAGES
         return dict(input="input", calib=calib["images"][:ncal].astype(np.float32) / 255,
                     eval=test["images"][:n].astype(np.float32) / 255, labels=test["labels"][:n], batch=100,
                     note=f"top-1 accuracy on the first {n} Fashion-MNIST test images; calibration: the first "
@@ -97,16 +112,19 @@ def load_data(name: str, shared: Path, limit: int | None, quick: bool) -> dict:
         return dict(input="x", calib=x[:200], eval=x[200:200 + n], labels=y[200:200 + n], batch=50,
                     note=f"top-1 accuracy on text_direction_lines.npz samples 200..{200 + n - 1}; calibration: "
                          "the first 200")
-    size, nhwc, inp, batch = (224, False, "x", 25) if name == "pplcnet" else (128, True, "input:0", 1)
+    spec = FIDELITY_INPUTS[name]
     test = np.load(shared / "fashion_mnist_test.npz")["images"]
     calib = np.load(shared / "fashion_mnist_calib.npz")["images"]
-    ncal, n = 128, min(200, limit or 200)
-    return dict(input=inp, calib=_fashion_images(calib[:ncal], size, nhwc), eval=_fashion_images(test[:n], size, nhwc),
-                labels=None, batch=batch,
-                note=f"FIDELITY, not accuracy: top-1 agreement and SNR vs the original on the first {n} Fashion-MNIST "
-                     f"test images resized to {size}x{size} (bilinear), replicated to 3 channels, [0,1], "
-                     f"{'NHWC' if nhwc else 'NCHW'}; calibration: {ncal} images of fashion_mnist_calib.npz made "
-                     "the same way")
+    ncal, n = CALIB_IMAGES, min(FIDELITY_IMAGES, limit or FIDELITY_IMAGES)
+    size = spec["size"]
+    what = ("agreement of the best-scoring anchor (argmax over both score outputs) and SNR of all four outputs "
+            "concatenated" if name == "blazeface" else "top-1 agreement and SNR of the class scores")
+    return dict(input=spec["input"], calib=_fashion_images(calib[:ncal], spec),
+                eval=_fashion_images(test[:n], spec), labels=None, batch=spec["batch"],
+                note=f"FIDELITY, not accuracy (no labels for this model): {what}, vs the original, on the first {n} "
+                     f"Fashion-MNIST test images resized to {size}x{size} (bilinear), replicated to 3 channels, "
+                     f"{spec['text']}, {'NHWC' if spec['nhwc'] else 'NCHW'}; calibration: the first {ncal} images "
+                     "of fashion_mnist_calib.npz made the same way")
 
 
 def run_outputs(path: Path, data: dict, threads: int = 2) -> list[np.ndarray]:
@@ -140,8 +158,8 @@ def quality(name: str, outs: list[np.ndarray], ref: list[np.ndarray], data: dict
 # ---------------------------------------------------------------- building
 
 
-def build_int8(src: Path, dst: Path, data: dict) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+def build_int8(src: Path, dst: Path, data: dict, activation_type: str) -> list[str]:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -168,8 +186,48 @@ def build_int8(src: Path, dst: Path, data: dict) -> None:
     except Exception as exc:  # noqa: BLE001 - e.g. symbolic shape inference asserting on a Shape/Concat chain
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         notes.append(f"quant_pre_process failed ({_error_text(exc)}); ran it with skip_symbolic_shape=True")
-    quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType[activation_type], weight_type=QuantType.QInt8)
     return notes
+
+
+def dequantized_view(model):
+    """The QDQ model with every DequantizeLinear of a constant folded into a float initializer and every
+    activation QuantizeLinear -> DequantizeLinear pair replaced by Identity, so that ocomp.metrics.model_stats
+    (which looks for constant weights on Conv/Gemm/MatMul) counts the int8 model's params and MACs."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    quantized = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    nodes, folded = [], []
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            x = numpy_helper.to_array(inits[node.input[0]]).astype(np.float64)
+            scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+            zero = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+                    if len(node.input) > 2 and node.input[2] else np.zeros_like(scale))
+            if scale.ndim == 1 and x.ndim > 1:  # per-channel along `axis`
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % x.ndim
+                shape = [1] * x.ndim
+                shape[axis] = -1
+                scale, zero = scale.reshape(shape), zero.reshape(shape)
+            folded.append(numpy_helper.from_array(((x - zero) * scale).astype(np.float32), node.output[0]))
+        elif node.op_type == "DequantizeLinear" and node.input[0] in quantized:
+            nodes.append(helper.make_node("Identity", [quantized[node.input[0]]], [node.output[0]]))
+        elif node.op_type != "QuantizeLinear":
+            nodes.append(node)
+    used = {i for n in nodes for i in n.input}
+    view = onnx.ModelProto()
+    view.CopyFrom(model)
+    del view.graph.node[:]
+    view.graph.node.extend(nodes)
+    del view.graph.initializer[:]
+    view.graph.initializer.extend([i for i in graph.initializer if i.name in used] +
+                                  [f for f in folded if f.name in used])
+    del view.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(view)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -181,10 +239,14 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def build_ocomp(src: Path, dst: Path, passes: str, options: dict, calib_path: Path, input_shapes) -> None:
+def build_ocomp(src: Path, dst: Path, passes: str, options: dict, calib_path: Path, input_shapes) -> list[dict]:
+    """Compress; per pass: layers changed, nodes/groups left unchanged and the first reason given."""
     from ocomp.api import compress
 
-    compress(src, dst, passes, options, calib=calib_path if "bnrecal" in passes else None, input_shapes=input_shapes)
+    result = compress(src, dst, passes, options, calib=calib_path if "bnrecal" in passes else None,
+                      input_shapes=input_shapes)
+    return [{"pass": r.pass_name, "changed": len(r.layers), "skipped": len(r.skipped),
+             "first_skip_reason": r.skipped[0].reason if r.skipped else None} for r in result.reports]
 
 
 # ---------------------------------------------------------------- latency
@@ -255,16 +317,14 @@ def bench_model(name: str, shared: Path, workdir: Path, args, bar) -> dict:
     data = load_data(name, shared, args.limit, args.quick)
     mdir = workdir / name
     mdir.mkdir(parents=True, exist_ok=True)
-    original = mdir / "original.onnx"
-    save_model(load_model(shared / meta["file"], meta["input_shapes"]), original)
+    original = shared / meta["file"]  # run, measured and compressed as it is; never copied into the repo
+    int8_source = mdir / "int8_source.onnx"  # the input shapes fixed (quant_pre_process needs static shapes)
+    save_model(load_model(original, meta["input_shapes"]), int8_source)
     calib_path = mdir / "calib.npz"
     np.savez(calib_path, **{data["input"]: data["calib"]})
-    labels = QUICK_LABELS if args.quick else (meta["configs"] or [c[0] for c in BASE_CONFIGS])
-    configs = [c for c in BASE_CONFIGS if c[0] in labels]
     rows: list[dict] = []
     ref_outs = None
-    orig_stats = model_stats(load_model(original, meta["input_shapes"]), original)
-    for label, kind, passes, options in configs:
+    for label, kind, passes, options in BASE_CONFIGS:
         bar.set_description(f"{name}: {label}")
         row: dict = {"config": label, "passes": passes, "options": options}
         path = mdir / (f"{len(rows):02d}_" + label.replace(" ", "_").replace("(", "").replace(")", "")
@@ -274,15 +334,19 @@ def bench_model(name: str, shared: Path, workdir: Path, args, bar) -> dict:
             if kind == "orig":
                 path = original
             elif kind == "int8":
-                row["notes"] = build_int8(original, path, data)
+                row["notes"] = build_int8(int8_source, path, data, options["activation_type"])
             else:
-                build_ocomp(original, path, passes, options, calib_path, meta["input_shapes"])
+                row["pass_reports"] = build_ocomp(original, path, passes, options, calib_path, meta["input_shapes"])
+                row["notes"] = [f"{r['pass']} changed no layer ({r['skipped']} left unchanged; the first: "
+                                f"{r['first_skip_reason']})" for r in row["pass_reports"]
+                                if r["pass"] in ("prune", "ternary") and r["changed"] == 0]
             row["compile_s"] = None if kind == "orig" else time.perf_counter() - t0
-            if kind == "int8":  # weights hide behind DequantizeLinear; quantization changes neither count
-                row.update(params=orig_stats.params, macs=orig_stats.macs)
-            else:
-                stats = model_stats(load_model(path, meta["input_shapes"]), path)
-                row.update(params=stats.params, macs=stats.macs)
+            # Compressed models already have fixed input shapes. Loading them with input_shapes would drop the
+            # value_info of ocomp's custom-op outputs (set_input_shapes clears it; ONNX cannot re-infer it), and
+            # model_stats would then count 0 MACs after the first TernaryConv.
+            model = load_model(path, meta["input_shapes"] if kind == "orig" else None)
+            stats = model_stats(dequantized_view(model) if kind == "int8" else model, path)
+            row.update(params=stats.params, macs=stats.macs)
             row["file_bytes"] = path.stat().st_size
             row["path"] = str(path)
             outs = run_outputs(path, data)
@@ -295,20 +359,6 @@ def bench_model(name: str, shared: Path, workdir: Path, args, bar) -> dict:
                 traceback.print_exc()
         rows.append(row)
         bar.update(1)
-    # ONNX shape inference stops at ocomp custom ops, so model_stats may see no output shapes (0 MACs) for the
-    # layers after a TernaryConv. Ternarization keeps every multiply-accumulate (now add-only), so a ternary
-    # row's MACs are those of the same configuration without ternary (bnrecal/foldbn do not change them).
-    by_key = {(tuple(p for p in (r["passes"] or "").split(",") if p), json.dumps(r["options"], sort_keys=True)): r
-              for r in rows}
-    for row in rows:
-        if "error" in row or "ternary" not in (row["passes"] or ""):
-            continue
-        base_passes = tuple(p for p in row["passes"].split(",") if p not in ("ternary", "bnrecal", "foldbn"))
-        twin = rows[0] if not base_passes else by_key.get((base_passes, json.dumps(row["options"], sort_keys=True)))
-        if twin is not None and "error" not in twin and twin.get("macs") is not None:
-            row["macs_counted_by_model_stats"] = row["macs"]
-            row["macs"] = twin["macs"]
-            row["macs_from"] = twin["config"]
     ok = {r["config"]: r["path"] for r in rows if "path" in r and "error" not in r}
     sample = data["eval"][:1]
     for threads in args.threads:
@@ -339,35 +389,94 @@ def machine() -> dict:
     import onnx
     import onnxruntime
 
-    cpu = "unknown"
+    cpu, flags = "unknown", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == "unknown":
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                have = set(line.split(":", 1)[1].split())
+                flags = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in have]
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-            "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc)
-            .strftime("%Y-%m-%d %H:%M UTC")}
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "ocomp", "passes", "runtime",
+                                "benchmarks/real_models.py"], capture_output=True, text=True).stdout.strip()
+        commit += " (uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
+            "onnx": onnx.__version__, "python": platform.python_version(), "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _json_safe(value):
+    """inf/nan as strings: results.json stays strict JSON."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _fmt(value, spec: str, suffix: str = "") -> str:
     return "—" if value is None else f"{value:{spec}}{suffix}"
 
 
+def summary(model: dict, threads: list[int]) -> list[str]:
+    """Generated one-line findings for a model's table (computed from the rows, never written by hand)."""
+    rows = [r for r in model["rows"] if "error" not in r]
+    if not rows or rows[0]["config"] != "original fp32":
+        return []
+    original, ocomp_rows = rows[0], [r for r in rows if r["passes"]]
+    labelled = "top1" in original
+    key = "top1" if labelled else "agreement"
+
+    def quality(r: dict) -> str:
+        if labelled:
+            return f"{100 * r['top1']:.2f}% ({100 * (r['top1'] - original['top1']):+.2f} pt)"
+        return f"agreement {100 * r['agreement']:.1f}%, SNR {r['snr_db']:.1f} dB"
+
+    def cost(r: dict) -> str:
+        lat = ", ".join(f"{r[f'latency_ratio_{t}t']:.2f}x latency ({t}T)" for t in threads
+                        if r.get(f"latency_ratio_{t}t") is not None)
+        return f"{r['file_ratio']:.1f}x smaller file, {original['macs'] / r['macs']:.2f}x fewer MACs, {lat}"
+
+    lines = []
+    if ocomp_rows:
+        best = max(ocomp_rows, key=lambda r: (r[key], r.get("snr_db", 0), r["file_ratio"]))
+        worst = min(ocomp_rows, key=lambda r: (r[key], r.get("snr_db", 0)))
+        lines.append(f"Best ocomp row: {best['config']}: {quality(best)}; {cost(best)}.")
+        lines.append(f"Worst ocomp row: {worst['config']}: {quality(worst)}.")
+        t = threads[0]
+        faster = [r for r in ocomp_rows if (r.get(f"latency_ratio_{t}t") or 9) < 1.0]
+        lines.append(f"ocomp rows faster than the original with {t} thread(s): " +
+                     (", ".join(f"{r['config']} ({r[f'latency_ratio_{t}t']:.2f}x)" for r in faster) or "none") + ".")
+    for r in rows:
+        if r["config"] == INT8_U8S8:
+            lines.append(f"{r['config']}: {quality(r)}; {cost(r)}.")
+    return lines
+
+
 def write_markdown(result: dict, path: Path) -> None:
     m, threads = result["machine"], result["threads"]
     lines = ["# ocomp real-model benchmark", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}, onnx {m['onnx']}, "
-             f"Python {m['python']}; {m['date']}.", "",
+             f"Machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX2'}), {m['cores']} cores; onnxruntime "
+             f"{m['onnxruntime']}, onnx {m['onnx']}, Python {m['python']}; ocomp {m['commit']}; {m['date']}.", "",
              f"Command: `{result['command']}` (total {result['seconds']:.0f} s)", "",
              "- Rows marked `+ bnrecal` run the passes `...,bnrecal,foldbn` (BatchNorm recalibration on the "
              "calibration set, then BN folded into the preceding layers); rows without it run only the listed "
              "passes and keep their BatchNormalization nodes, so part of a latency gap between the two rows is the "
              "BN fold, not the recalibration.",
-             "- ORT int8: `quant_pre_process`, then `quantize_static` (QDQ, per-channel, MinMax) calibrated on the "
-             "same calibration subset as bnrecal. Its params/MACs are the original's (quantization changes neither).",
+             "- ORT int8: `quant_pre_process` (which also folds BN into Conv), then `quantize_static` (QDQ, "
+             "per_channel=True, MinMax calibration, int8 weights) on the same calibration subset as bnrecal. Two "
+             "rows: U8S8 (uint8 activations, int8 weights: the pairing onnxruntime's x86 int8 kernels are built around) "
+             "and S8S8 (int8 activations: quantize_static's default types), which measured much slower here. Params/MACs of the int8 rows are counted by `ocomp.metrics.model_stats` on the model with its "
+             "DequantizeLinear weights folded back to float (it sees no weights behind DequantizeLinear).",
              "- Prune ratios use the default l1 criterion unless the row says otherwise.",
              f"- Latency: median of {result['rounds']} interleaved rounds x {result['reps']} runs at batch 1, one "
              "global onnxruntime thread pool per thread count (a subprocess each), "
@@ -375,12 +484,9 @@ def write_markdown(result: dict, path: Path) -> None:
              "subprocess (shared machine: absolute times drift 10-25%, ratios are what to compare).",
              "- Compile time: wall time of `ocomp.api.compress` (load, passes, save) or of quant_pre_process + "
              "quantize_static.",
-             "- MACs of rows with `ternary`: ternarization keeps every multiply-accumulate (add-only now), so they are "
-             "taken from the same configuration without ternary; ONNX shape inference stops at ocomp's custom ops, "
-             "and `ocomp.metrics.model_stats` then counts 0 MACs for the layers after the first TernaryConv on some "
-             "models (its own count is kept in results.json as `macs_counted_by_model_stats`).",
-             "- To stay within the time budget, the unlabelled models (pplcnet, blazeface) run 7 configurations "
-             "(no prune 0.5, no prune 0.3 + ternary without bnrecal, no bn-criterion row).",
+             "- ocomp rows: `ocomp.api.compress` on the original file with default pass options except the ones "
+             "named; MACs of ternary rows count each add-only ternary multiply-accumulate as one MAC. The original "
+             "row is the reference file itself (file size, accuracy, latency).",
              "- A configuration that fails shows its error in the row instead of numbers.", ""]
     for model in result["models"]:
         lines += [f"## {model['model']} (`{model['file']}`)", "", model["metric_note"] + ".", ""]
@@ -405,6 +511,7 @@ def write_markdown(result: dict, path: Path) -> None:
                                          _fmt(r.get("file_ratio"), ".2f")] + lat + [_fmt(r.get("compile_s"), ".1f")]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        lines += [f"- {line}" for line in summary(model, threads)]
         for r in model["rows"]:
             for note in r.get("notes") or []:
                 lines.append(f"- {r['config']}: {note}")
@@ -419,9 +526,10 @@ def write_markdown(result: dict, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="resnet20 only, 200 test images, 5 latency rounds, "
-                        "1 thread, 7 configurations")
+                        "1 thread (all configurations)")
     parser.add_argument("--models", default=None, help=f"comma-separated subset of {', '.join(MODELS)}")
-    parser.add_argument("--limit", type=int, default=None, help="evaluation samples per model (default: all)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluation samples per model (default: all "
+                        f"10000 / 800 labelled, {FIDELITY_IMAGES} for fidelity; quick: 200)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved latency rounds (default 30; quick 5)")
     parser.add_argument("--reps", type=int, default=5, help="runs per configuration per round")
     parser.add_argument("--threads", default=None, help="thread counts, e.g. 1,2 (default 1,2; quick 1)")
@@ -438,6 +546,8 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     args.rounds = args.rounds or (5 if args.quick else 30)
+    if args.quick and args.limit is None:
+        args.limit = 200
     args.threads = [int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")]
     names = ["resnet20"] if args.quick else (args.models.split(",") if args.models else list(MODELS))
     unknown = [n for n in names if n not in MODELS]
@@ -450,10 +560,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    if args.workdir and Path(args.workdir).resolve().is_relative_to(REPO.resolve()):
+        print(f"error: --workdir {args.workdir}: model files never go into the repository", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="ocomp-bench-") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
-        total = sum(len(QUICK_LABELS if args.quick else (MODELS[n]["configs"] or BASE_CONFIGS)) + len(args.threads)
-                    for n in names)
+        total = len(names) * (len(BASE_CONFIGS) + len(args.threads))
         models = []
         with tqdm(total=total, unit="step") as bar:
             for name in names:
@@ -462,7 +574,7 @@ def main(argv=None) -> int:
     result = {"machine": machine(), "command": command.strip(), "seconds": time.perf_counter() - start,
               "threads": args.threads, "rounds": args.rounds, "reps": args.reps, "models": models,
               "notes": []}
-    (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / "results.json").write_text(json.dumps(_json_safe(result), indent=2, default=str) + "\n")
     write_markdown(result, out / "RESULTS.md")
     print(f"wrote {out / 'RESULTS.md'} and {out / 'results.json'} in {result['seconds']:.0f} s")
     return 0
