@@ -39,6 +39,25 @@ def _candidate_dirs() -> list[Path]:
     return dirs
 
 
+def _installed_library() -> str | None:
+    # Imported from a source checkout (which holds no built library), fall back
+    # to the library of the installed ocomp distribution, if there is one.
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+    except ImportError:  # pragma: no cover - Python < 3.8
+        return None
+    try:
+        dist = distribution("ocomp")
+    except PackageNotFoundError:
+        return None
+    for entry in dist.files or []:
+        if entry.name == _LIBRARY_NAME:
+            path = Path(str(dist.locate_file(entry))).resolve()
+            if path.is_file():
+                return str(path)
+    return None
+
+
 def library_path() -> str:
     """Absolute path of the custom-op library.
 
@@ -55,6 +74,9 @@ def library_path() -> str:
         path = directory / _LIBRARY_NAME
         if path.is_file():
             return str(path)
+    installed = _installed_library()
+    if installed is not None:
+        return installed
     searched = ", ".join(str(d) for d in _candidate_dirs())
     raise RuntimeError(
         f"{_LIBRARY_NAME} not found (searched {searched}). Build it with "

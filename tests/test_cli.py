@@ -230,15 +230,20 @@ def test_passes_lists_declared_options() -> None:
             assert option.flag(name) in result.output
 
 
-def test_python_dash_m(model_path: Path) -> None:
+@pytest.mark.parametrize("where", ["elsewhere", "checkout"])
+def test_python_dash_m(model_path: Path, tmp_path: Path, where: str) -> None:
+    """`python -m ocomp` works from any directory, including the repository root, where
+    the source checkout (passes/ and runtime/ beside ocomp/) shadows the installed package."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "ocomp", "inspect", str(model_path)], capture_output=True, text=True)
+    cwd = tmp_path if where == "elsewhere" else Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "ocomp", "inspect", str(model_path)], capture_output=True,
+                          text=True, cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     assert "total params" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "ocomp", "inspect", str(model_path) + ".missing"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=cwd)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 

@@ -386,7 +386,7 @@ def test_process_survives_errors():
     assert os.path.isfile(rt.library_path())
 
 
-def test_baseline_kernel_without_avx2():
+def test_baseline_kernel_without_avx2(tmp_path):
     """The baseline (SSE2/NEON) build of the hot loop, forced with OCOMP_KERNEL_ISA=generic
     in a fresh process (the choice is made once per process)."""
     require_library()
@@ -417,6 +417,7 @@ def test_baseline_kernel_without_avx2():
         """
     )
     env = dict(os.environ, OCOMP_KERNEL_ISA="generic", OPENBLAS_NUM_THREADS="1")
+    # cwd outside the checkout: `python -c` puts the cwd first on sys.path.
     proc = subprocess.run([sys.executable, "-c", script, str(Path(__file__).resolve().parent)], env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0 and "GENERIC-OK" in proc.stdout, proc.stdout + proc.stderr

@@ -96,8 +96,9 @@ def test_sanitized_library(tmp_path):
         OCOMP_RUNTIME_LIBRARY=str(library),
         OPENBLAS_NUM_THREADS="1",
     )
+    # cwd outside the checkout: `python -c` puts the cwd first on sys.path.
     proc = subprocess.run([sys.executable, "-c", SUBSET, str(TESTS)], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=build)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     assert "ASAN-SUBSET-OK" in proc.stdout
