@@ -10,8 +10,11 @@ Data-Free Quantization, ICCV 2019).
 - Every weighted layer whose output does not go straight into a BatchNorm
   (all layers of a BN-folded model; the classifier head otherwise) gets its
   bias corrected so that its per-channel output mean matches the reference
-  (original) model at the same tensor; `match_std` also scales its weights (or
-  a ternary op's alpha) to match the per-channel std. Pruned channels are
+  (original) model at the same tensor; `match_std` (default) also scales its
+  weights (or a ternary op's alpha) to match the per-channel std, which is what
+  adaptive BN does for an unfolded model. Mean-only correction (the int8 recipe
+  of Nagel et al.) is not enough after ternarization or pruning: on the
+  BN-folded ResNet-20 it gives 9.85% top-1 where std matching gives 90.30%. Pruned channels are
   mapped back to the reference with ctx.state["kept_channels"].
 
 Both run layer by layer in "waves": all layers whose inputs no longer depend on
@@ -55,7 +58,9 @@ class BNRecal(Pass):
         Option("samples", positive_int, 512, "calibration samples used (the first N of --calib)"),
         Option("bias", bool, True, "correct the bias of layers not followed by a BatchNorm against the "
                "original model (bias correction)"),
-        Option("match_std", bool, False, "bias correction also scales each channel to the reference std"),
+        Option("match_std", bool, True, "bias correction also scales each channel to the reference std "
+               "(off: mean-only bias correction, which cannot undo the variance change of ternary or pruned "
+               "BN-folded layers)"),
     )
     needs = frozenset({"calibration"})
 
@@ -95,7 +100,7 @@ class BNRecal(Pass):
 
 def recalibrate(model: onnx.ModelProto, calibration: Any, reference: onnx.ModelProto | None = None,
                 kept_channels: dict | None = None, samples: int | None = None, bias: bool = True,
-                match_std: bool = False) -> onnx.ModelProto:
+                match_std: bool = True) -> onnx.ModelProto:
     """Plain-function form of the pass: returns the recalibrated model (the input is not modified)."""
     from ocomp.model import to_graph, to_model
 
