@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -107,7 +106,9 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
                       "compressed": evaluate(out, evaluation_set, reference=reference, progress=progress)}
     outcome = CompressResult(out, result.reports, before, after, evaluation)
     if report is not None:
-        atomic_write(report, json.dumps(outcome.to_dict(), indent=2, default=str).encode())
+        from .report import json_text
+
+        atomic_write(report, json_text(outcome.to_dict()).encode())
     return outcome
 
 

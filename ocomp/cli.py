@@ -7,7 +7,6 @@ Exit codes: 0 ok, 1 bad input or unsupported model (one line on stderr),
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import traceback
 from typing import Any, Callable
@@ -17,6 +16,7 @@ import click
 from . import __version__
 from .errors import OcompError, UsageError
 from .pipeline import Option, registry
+from .report import json_text
 
 _DEBUG = {"on": False}
 
@@ -207,7 +207,7 @@ def inspect(model: str, as_json: bool, input_shape: tuple[str, ...]) -> None:
     from .report import render_stats
 
     stats = api.inspect(model, api.parse_input_shapes(input_shape))
-    click.echo(json.dumps(stats.to_dict(), indent=2) if as_json else render_stats(stats))
+    click.echo(json_text(stats.to_dict()) if as_json else render_stats(stats))
 
 
 @main.command()
@@ -233,7 +233,7 @@ def compare(model_a: str, model_b: str, inputs: str | None, random_n: int | None
     data_opts = make_data_options(kwargs, needed=inputs is not None)
     results, count = api.compare(model_a, model_b, inputs, random_n or 8, seed,
                                  api.parse_input_shapes(input_shape), data_opts)
-    click.echo(json.dumps({"samples": count, "outputs": results}, indent=2) if as_json
+    click.echo(json_text({"samples": count, "outputs": results}) if as_json
                else render_comparison(results, count))
 
 
@@ -254,7 +254,7 @@ def evaluate(model: str, data: str, reference: str | None, as_json: bool, input_
 
     result = api.evaluate(model, data, reference, api.parse_input_shapes(input_shape), make_data_options(kwargs),
                           progress=sys.stderr.isatty())
-    click.echo(json.dumps(result, indent=2) if as_json else render_single(result))
+    click.echo(json_text(result) if as_json else render_single(result))
 
 
 @main.command(name="passes")

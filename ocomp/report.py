@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any, Sequence
 
 from .metrics import ModelStats
 from .pipeline import Report
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with non-finite floats as the strings "inf", "-inf", "nan" (e.g. the SNR of
+    identical outputs): what ocomp writes stays strict JSON that every parser accepts."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_text(value: Any) -> str:
+    """Strict JSON (no Infinity/NaN tokens), indented; objects without a JSON form become strings."""
+    return json.dumps(json_safe(json.loads(json.dumps(value, default=str))), indent=2, allow_nan=False)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
