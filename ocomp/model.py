@@ -239,8 +239,30 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
             if out in graph.outputs:
                 continue  # a constant graph output keeps its Constant node
             node.outputs.clear()
+    _bypass_constant_identities(graph)
     graph.cleanup()
     return graph
+
+
+def _bypass_constant_identities(graph: gs.Graph) -> None:
+    """Identity(constant) -> the constant itself (PyTorch exports weights this way), so passes
+    see the weight. A constant read by anything else too (a tied weight) keeps its Identity:
+    rewriting one of its readers must not change the others."""
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            if node.op != "Identity" or node.domain not in (None, *_STANDARD_DOMAINS) or not node.outputs:
+                continue
+            source, out = node.inputs[0], node.outputs[0]
+            if not isinstance(source, gs.Constant) or len(source.outputs) != 1 or out in graph.outputs:
+                continue
+            const = gs.Constant(out.name, np.asarray(source.values))
+            for consumer in list(out.outputs):
+                consumer.inputs = [const if t is out else t for t in consumer.inputs]
+            node.inputs.clear()
+            node.outputs.clear()
+            changed = True
 
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:

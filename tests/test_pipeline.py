@@ -13,7 +13,7 @@ import pytest
 import zoo
 from ocomp import __version__, api
 from ocomp.errors import PassError, UsageError
-from ocomp.model import load_model, to_graph, to_model
+from ocomp.model import infer_shapes, load_model, to_graph, to_model
 from ocomp.pipeline import REGISTRY, Option, Pass, Report, fraction, key_value, register, resolve_options, run_passes
 
 
@@ -143,3 +143,36 @@ def load_model_from(model: onnx.ModelProto) -> onnx.ModelProto:
         path = Path(tmp) / "m.onnx"
         onnx.save(model, path)
         return load_model(path)
+
+
+def with_identity_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every Conv/Gemm weight read through an Identity node, as PyTorch exports often have it."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = {i.name for i in model.graph.initializer}
+    extra = []
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm") and node.input[1] in inits:
+            alias = node.input[1] + "_identity"
+            extra.append(onnx.helper.make_node("Identity", [node.input[1]], [alias]))
+            node.input[1] = alias
+    assert extra
+    nodes = extra + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+@pytest.mark.parametrize("passes, options", [(["prune"], {"prune": {"ratio": 0.5}}), (["ternary"], {})])
+def test_weights_behind_identity_are_rewritten(passes, options) -> None:
+    """A weight behind Identity is still the layer's weight: the passes rewrite it exactly
+    as they rewrite the same model without the Identity nodes."""
+    model = zoo.build("resnet")
+    plain = run_passes(infer_shapes(model), passes, options).model
+    aliased = run_passes(infer_shapes(with_identity_weights(model)), passes, options).model
+    assert not [n for n in aliased.graph.node if n.op_type == "Identity"]
+    assert sorted(n.op_type for n in aliased.graph.node) == sorted(n.op_type for n in plain.graph.node)
+    x = zoo.random_input(model, batch=2)
+    from ocomp.runtime import session
+
+    np.testing.assert_allclose(session(aliased).run(None, x)[0], session(plain).run(None, x)[0], rtol=1e-5,
+                               atol=1e-5)
