@@ -79,3 +79,25 @@ def static_shape(tensor: gs.Tensor) -> list[int] | None:
 
 def node_count(nodes: Iterable[gs.Node], op: str) -> int:
     return sum(1 for n in nodes if n.op == op)
+
+
+def boundary_layers(graph: gs.Graph, weighted: list[gs.Node]) -> tuple[set[int], set[int]]:
+    """ids of the first weighted layers (no weighted layer upstream) and the last ones (none downstream)."""
+    wanted = {id(n) for n in weighted}
+    nodes = list(graph.nodes)  # the caller has toposorted the graph
+    first, last = set(), set()
+    downstream: set[str] = set()
+    for node in nodes:
+        after = any(isinstance(t, gs.Variable) and t.name in downstream for t in node.inputs)
+        if id(node) in wanted and not after:
+            first.add(id(node))
+        if after or id(node) in wanted:
+            downstream.update(o.name for o in node.outputs)
+    upstream: set[str] = set()
+    for node in reversed(nodes):
+        before = any(o.name in upstream for o in node.outputs)
+        if id(node) in wanted and not before:
+            last.add(id(node))
+        if before or id(node) in wanted:
+            upstream.update(t.name for t in node.inputs if isinstance(t, gs.Variable))
+    return first, last

@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ocomp.errors import UsageError
-from ocomp.graph import STANDARD_DOMAINS, const_value, input_at, is_graph_output, unique_name, weighted_nodes
+from ocomp.graph import STANDARD_DOMAINS, boundary_layers, const_value, input_at, is_graph_output, unique_name, weighted_nodes
 from ocomp.model import CUSTOM_DOMAIN, to_graph, to_model
 from ocomp.pipeline import Context, Option, Pass, Report, register
 
@@ -202,28 +202,6 @@ def _match(graph: gs.Graph, node: gs.Node) -> dict:
     return dict(op="TernaryMatMul", weight=rows, attrs={}, scale=1.0, bias=bias, outputs=outputs, absorbed=absorbed)
 
 
-def _boundary_layers(graph: gs.Graph, weighted: list[gs.Node]) -> tuple[set[int], set[int]]:
-    """ids of the first weighted layers (no weighted layer upstream) and the last ones (none downstream)."""
-    wanted = {id(n) for n in weighted}
-    nodes = list(graph.nodes)  # weighted_nodes() toposorted the graph
-    first, last = set(), set()
-    downstream: set[str] = set()
-    for node in nodes:
-        after = any(isinstance(t, gs.Variable) and t.name in downstream for t in node.inputs)
-        if id(node) in wanted and not after:
-            first.add(id(node))
-        if after or id(node) in wanted:
-            downstream.update(o.name for o in node.outputs)
-    upstream: set[str] = set()
-    for node in reversed(nodes):
-        before = any(o.name in upstream for o in node.outputs)
-        if id(node) in wanted and not before:
-            last.add(id(node))
-        if before or id(node) in wanted:
-            upstream.update(t.name for t in node.inputs if isinstance(t, gs.Variable))
-    return first, last
-
-
 # ---------------------------------------------------------------- the pass
 
 
@@ -256,7 +234,7 @@ class Ternary(Pass):
         if unknown:
             raise UsageError(f"--ternary-skip: no Conv/Gemm/MatMul with a constant weight is named "
                              f"{', '.join(repr(u) for u in unknown)}")
-        first, last = _boundary_layers(graph, weighted)
+        first, last = boundary_layers(graph, weighted)
         rows = []
         for node in weighted:
             name = node.name or node.outputs[0].name
