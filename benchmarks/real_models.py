@@ -416,17 +416,6 @@ def machine() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
-def _json_safe(value):
-    """inf/nan as strings: results.json stays strict JSON."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _fmt(value, spec: str, suffix: str = "") -> str:
     return "—" if value is None else f"{value:{spec}}{suffix}"
 
@@ -583,7 +572,9 @@ def main(argv=None) -> int:
     result = {"machine": machine(), "command": command.strip(), "seconds": time.perf_counter() - start,
               "threads": args.threads, "rounds": args.rounds, "reps": args.reps, "models": models,
               "notes": []}
-    (out / "results.json").write_text(json.dumps(_json_safe(result), indent=2, default=str) + "\n")
+    from ocomp.report import json_safe
+
+    (out / "results.json").write_text(json.dumps(json_safe(result), indent=2, default=str) + "\n")
     write_markdown(result, out / "RESULTS.md")
     print(f"wrote {out / 'RESULTS.md'} and {out / 'results.json'} in {result['seconds']:.0f} s")
     return 0
