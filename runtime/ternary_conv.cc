@@ -22,9 +22,9 @@ namespace ocomp {
 namespace {
 
 constexpr int64_t kMaxAttr = 1 << 16;     // sanity bound for kernel/stride/dilation/pad values
-constexpr int64_t kL1Budget = 16 * 1024;  // bytes of input rows a reduction block may touch
-// Aligned mode when rows padded to 8 floats are at most this % of the natural width.
-constexpr int64_t kAlignedMaxWastePercent = 110;
+constexpr int64_t kL1Budget = 24 * 1024;  // bytes of input rows a reduction block may touch (of 32 KiB L1d)
+// Layout choice (see plan_for): relative cost of a misaligned 8-float vector.
+constexpr double kMisalignedCost = 1.05;
 constexpr int64_t kMinItems = 32;  // work items per run, for load balance over the intra-op threads
 
 // ceil(a / b) for b > 0 and any sign of a.
@@ -35,11 +35,16 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b 
 struct ConvPlan {
   int64_t H = 0, W = 0, OH = 0, OW = 0;
   int64_t Hph = 0, Wph = 0, plane = 0, nph = 0;
-  int64_t Wrow = 0;   // row stride of a plane: Wph, or Wph rounded up to 8 when aligned
+  int64_t Wrow = 0;   // row stride of a plane: Wph, Wph rounded up to 8 (aligned) or OW (compact)
   int64_t nplanes = 0;  // planes per input channel: phases x column shifts
-  bool aligned = false;
+  bool shifted = false;  // one pre-shifted copy of each phase plane per kernel column shift
   int64_t block = 0;  // floats per (image, group) in the rearranged buffer
   int64_t P = 0, tiles = 0, cb = 0, nblocks = 0;
+  // Channel pairs (2j, 2j+1) of a group are stored as 4 pseudo-channels:
+  // x[2j], x[2j+1], x[2j] + x[2j+1], x[2j] - x[2j+1] (an odd last channel as
+  // one), so a pair of nonzero weights on one tap is one load and one add.
+  int64_t npairs = 0, Cps = 0;  // channel pairs, pseudo-channels per group
+  int64_t tile_len = 0;  // outputs per tile: a multiple of 8, <= kTile; tiles split P evenly
   std::vector<std::array<int64_t, 2>> phases;  // (ra, rb) of each stored phase plane
   std::vector<int64_t> shifts;                 // column shift (qb) of each copy of a phase plane
   std::vector<int32_t> offsets;
@@ -145,14 +150,35 @@ std::shared_ptr<const ConvPlan> TernaryConvKernel::plan_for(int64_t H, int64_t W
   p.Hph = (Hp + a.sh - 1) / a.sh;
   p.Wph = (Wp + a.sw - 1) / a.sw;
 
-  // Aligned mode: one copy of each phase plane per kernel column shift qb,
-  // pre-shifted, with rows padded to 8 floats, so that every offset is a
-  // multiple of 8 floats and no 32-byte load straddles a cache line (about a
-  // quarter faster). Used when the row padding wastes little, for stride 1
-  // only (with stride 2 the extra copies cost more than they save).
+  // Layouts. Unaligned: one plane per phase with rows of Wph floats; a kernel
+  // column shift is part of the offset. The shifted layouts keep one
+  // pre-shifted copy of each plane per kernel column shift qb instead, so a
+  // row only needs the OW computed columns:
+  //  * aligned: rows padded to 8 floats; every offset is a multiple of 8
+  //    floats and no 32-byte load straddles a cache line (about a quarter
+  //    faster than unaligned);
+  //  * compact: rows of exactly OW floats, so no computed output is dropped
+  //    (and aligned as well when OW is a multiple of 8). Wins on small planes
+  //    (14x14, 7x7), where the padding columns are a large share of the work.
+  // Shifted layouts are for stride 1 only (with stride 2 the extra copies cost
+  // more than they save). Among them the cheapest estimate wins: computed
+  // 8-float vectors, misaligned ones weighted kMisalignedCost.
   const int64_t wrow8 = (p.Wph + 7) / 8 * 8;
-  p.aligned = a.sw == 1 && wrow8 * 100 <= p.Wph * kAlignedMaxWastePercent;
-  p.Wrow = p.aligned ? wrow8 : p.Wph;
+  p.Wrow = p.Wph;
+  if (a.sw == 1) {
+    auto cost = [&](int64_t wrow) {
+      return double((p.OH * wrow + 7) / 8) * (wrow % 8 == 0 ? 1.0 : kMisalignedCost);
+    };
+    const double c_unaligned = cost(p.Wph);
+    const double c_aligned = cost(wrow8), c_compact = cost(p.OW);
+    if (c_compact <= c_aligned && c_compact < c_unaligned) {
+      p.Wrow = p.OW;
+      p.shifted = true;
+    } else if (c_aligned < c_unaligned) {
+      p.Wrow = wrow8;
+      p.shifted = true;
+    }
+  }
 
   // Phase planes actually read by some kernel tap, and each tap's offset in a channel.
   const int64_t taps = a.kH * a.kW;
@@ -165,15 +191,15 @@ std::shared_ptr<const ConvPlan> TernaryConvKernel::plan_for(int64_t H, int64_t W
       if (it == p.phases.end()) it = p.phases.insert(p.phases.end(), ph);
       const int64_t qa = ky * a.dh / a.sh, qb = kx * a.dw / a.sw;
       int64_t shift_index = 0;
-      if (p.aligned) {
+      if (p.shifted) {
         auto sit = std::find(p.shifts.begin(), p.shifts.end(), qb);
         if (sit == p.shifts.end()) sit = p.shifts.insert(p.shifts.end(), qb);
         shift_index = sit - p.shifts.begin();
       }
       tap_phase_shift[ky * a.kW + kx] = {it - p.phases.begin(), shift_index};
-      tap_shift[ky * a.kW + kx] = qa * p.Wrow + (p.aligned ? 0 : qb);
+      tap_shift[ky * a.kW + kx] = qa * p.Wrow + (p.shifted ? 0 : qb);
     }
-  if (!p.aligned) p.shifts = {0};
+  if (!p.shifted) p.shifts = {0};
   p.nph = static_cast<int64_t>(p.phases.size());
   const int64_t nsh = static_cast<int64_t>(p.shifts.size());
   p.nplanes = p.nph * nsh;
@@ -183,39 +209,69 @@ std::shared_ptr<const ConvPlan> TernaryConvKernel::plan_for(int64_t H, int64_t W
 
   p.P = p.OH * p.Wrow;
   p.tiles = (p.P + kTile - 1) / kTile;
-  const double block = double(a.Cg) * p.nplanes * p.plane + double(max_shift) + double(p.tiles) * kTile + 16;
+  const int64_t vecs = (p.P + 7) / 8;
+  p.tile_len = (vecs + p.tiles - 1) / p.tiles * 8;
+  // Paired pseudo-channels for the unshifted layout only (stride > 1: measured
+  // 5-8% faster); with the shifted layouts (3 copies per plane) they were slower.
+  p.npairs = p.shifted ? 0 : a.Cg / 2;
+  p.Cps = 4 * p.npairs + (a.Cg - 2 * p.npairs);
+  const double block = double(p.Cps) * p.nplanes * p.plane + double(max_shift) + double(p.tiles) * kTile + 16;
   if (block > double(INT32_MAX) - 64)
     throw Error("TernaryConv: input too large for one image (" + std::to_string(a.Cg) + " channels of " +
                 std::to_string(H) + "x" + std::to_string(W) + ")");
-  p.block = (a.Cg * p.nplanes * p.plane + max_shift + p.tiles * kTile + 16 + 15) / 16 * 16;
+  p.block = (p.Cps * p.nplanes * p.plane + max_shift + p.tiles * kTile + 16 + 15) / 16 * 16;
 
-  // Reduction blocks of cb input channels whose rows for one tile stay in L1.
-  const int64_t footprint = p.nplanes * (kTile + max_shift) * int64_t(sizeof(float));
-  p.cb = std::max<int64_t>(1, std::min<int64_t>(a.Cg, kL1Budget / std::max<int64_t>(footprint, 1)));
+  // Reduction blocks of cb input channels (even when paired) whose rows for one
+  // tile stay in L1 (a pair takes 4 pseudo-channels).
+  const int64_t footprint = p.nplanes * (p.tile_len + max_shift) * int64_t(sizeof(float));
+  const int64_t per_channel = p.npairs > 0 ? 2 * footprint : footprint;
+  p.cb = std::max<int64_t>(1, std::min<int64_t>(a.Cg, kL1Budget / std::max<int64_t>(per_channel, 1)));
+  if (p.npairs > 0 && p.cb < a.Cg) p.cb = std::max<int64_t>(2, p.cb / 2 * 2);
   p.nblocks = (a.Cg + p.cb - 1) / p.cb;
 
   p.refs.resize(static_cast<size_t>(p.nblocks * a.K));
   p.offsets.reserve(weights.index.size());
-  const int64_t rows_per_block = p.cb * taps;
+  std::vector<int8_t> dense(static_cast<size_t>(a.Cg * taps));
+  std::vector<int32_t> plus_list, minus_list;
   for (int64_t k = 0; k < a.K; ++k) {
-    const int32_t* plus = weights.index.data() + weights.start[k];
-    const int32_t* plus_end = plus + weights.nplus[k];
-    const int32_t* minus = plus_end;
-    const int32_t* minus_end = weights.index.data() + weights.start[k + 1];
+    std::fill(dense.begin(), dense.end(), int8_t{0});
+    const int32_t* idx = weights.index.data() + weights.start[k];
+    const int64_t count = weights.start[k + 1] - weights.start[k];
+    for (int64_t i = 0; i < count; ++i) dense[idx[i]] = i < weights.nplus[k] ? 1 : -1;
     for (int64_t b = 0; b < p.nblocks; ++b) {
-      const int64_t row_end = (b + 1) * rows_per_block;
       ListRef& ref = p.refs[b * a.K + k];
       ref.begin = static_cast<int32_t>(p.offsets.size());
-      auto emit = [&](int32_t r) {
-        const int64_t c = r / taps, tap = r % taps;
-        p.offsets.push_back(static_cast<int32_t>((c * p.nplanes + tap_plane[tap]) * p.plane + tap_shift[tap]));
+      plus_list.clear();
+      minus_list.clear();
+      auto emit = [&](int64_t ps, int64_t tap, int sign) {
+        const int32_t off = static_cast<int32_t>((ps * p.nplanes + tap_plane[tap]) * p.plane + tap_shift[tap]);
+        (sign > 0 ? plus_list : minus_list).push_back(off);
       };
-      int32_t n = 0;
-      for (; plus < plus_end && *plus < row_end; ++plus, ++n) emit(*plus);
-      ref.nplus = n;
-      n = 0;
-      for (; minus < minus_end && *minus < row_end; ++minus, ++n) emit(*minus);
-      ref.nminus = n;
+      const int64_t c_end = std::min(a.Cg, (b + 1) * p.cb);
+      for (int64_t c = b * p.cb; c < c_end;) {
+        if (c < 2 * p.npairs) {
+          const int64_t j = c / 2;
+          for (int64_t tap = 0; tap < taps; ++tap) {
+            const int w1 = dense[c * taps + tap], w2 = dense[(c + 1) * taps + tap];
+            if (w1 == 0 && w2 == 0) continue;
+            if (w2 == 0) emit(4 * j, tap, w1);
+            else if (w1 == 0) emit(4 * j + 1, tap, w2);
+            else if (w1 == w2) emit(4 * j + 2, tap, w1);
+            else emit(4 * j + 3, tap, w1);  // w1 * (x1 - x2)
+          }
+          c += 2;
+        } else {
+          for (int64_t tap = 0; tap < taps; ++tap)
+            if (dense[c * taps + tap] != 0) emit(4 * p.npairs + (c - 2 * p.npairs), tap, dense[c * taps + tap]);
+          c += 1;
+        }
+      }
+      std::sort(plus_list.begin(), plus_list.end());
+      std::sort(minus_list.begin(), minus_list.end());
+      p.offsets.insert(p.offsets.end(), plus_list.begin(), plus_list.end());
+      p.offsets.insert(p.offsets.end(), minus_list.begin(), minus_list.end());
+      ref.nplus = static_cast<int32_t>(plus_list.size());
+      ref.nminus = static_cast<int32_t>(minus_list.size());
     }
   }
   if (cache) {
@@ -279,7 +335,8 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
     const int64_t g = cc / Cg, c = cc % Cg;
     const float* src = xd + (n * C + cc) * H * W;
     float* blk = buf + (n * G + g) * p.block;
-    float* dst = blk + c * p.nplanes * p.plane;
+    const int64_t ps = c < 2 * p.npairs ? 4 * (c / 2) + (c % 2) : 4 * p.npairs + (c - 2 * p.npairs);
+    float* dst = blk + ps * p.nplanes * p.plane;
     const int64_t nsh = static_cast<int64_t>(p.shifts.size());
     for (int64_t pl = 0; pl < p.nplanes; ++pl) {
       const int64_t ra = p.phases[pl / nsh][0], rb = p.phases[pl / nsh][1], qb = p.shifts[pl % nsh];
@@ -313,11 +370,28 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
       std::memset(plane + p.Hph * p.Wrow, 0, sizeof(float) * (p.plane - p.Hph * p.Wrow));
     }
     if (c == Cg - 1) {  // the slack after the last plane (read by dropped outputs only)
-      float* tail = blk + Cg * p.nplanes * p.plane;
-      std::memset(tail, 0, sizeof(float) * (p.block - Cg * p.nplanes * p.plane));
+      float* tail = blk + p.Cps * p.nplanes * p.plane;
+      std::memset(tail, 0, sizeof(float) * (p.block - p.Cps * p.nplanes * p.plane));
     }
   };
   parallel_for(context, static_cast<size_t>(N * C), fill);
+
+  // 1b. Sum and difference planes of each channel pair (adds only).
+  const int64_t pair_floats = p.nplanes * p.plane;
+  auto combine = [&](size_t item) {
+    const int64_t npg = p.npairs;
+    const int64_t img = int64_t(item) / npg, j = int64_t(item) % npg;  // img = n * G + g
+    float* base = buf + img * p.block + 4 * j * pair_floats;
+    const float* __restrict x1 = base;
+    const float* __restrict x2 = base + pair_floats;
+    float* __restrict sum = base + 2 * pair_floats;
+    float* __restrict diff = base + 3 * pair_floats;
+    for (int64_t i = 0; i < pair_floats; ++i) {
+      sum[i] = x1[i] + x2[i];
+      diff[i] = x1[i] - x2[i];
+    }
+  };
+  if (p.npairs > 0) parallel_for(context, static_cast<size_t>(N * G * p.npairs), combine);
 
   // 2. Tiles of 64 outputs x 16 output channels, reduction in L1-sized blocks.
   const AccumulateFn accumulate = accumulate_kernel();
@@ -337,9 +411,9 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
     const int64_t tile = rest % p.tiles;
     rest /= p.tiles;
     const int64_t g = rest % G, n = rest / G;
-    const int64_t p0 = tile * kTile;
+    const int64_t p0 = tile * p.tile_len;
     const float* xt = buf + (n * G + g) * p.block + p0;
-    const int64_t p1 = std::min<int64_t>(p0 + kTile, p.P);
+    const int64_t p1 = std::min<int64_t>(p0 + p.tile_len, p.P);
     const int npix = static_cast<int>((p1 - p0 + 7) / 8 * 8);
     alignas(64) float partial[kChunk * kTile];
     const int64_t kc_end = std::min(kchunks, (kgroup + 1) * chunks_per_item);
