@@ -267,14 +267,14 @@ def prune_graph(graph: gs.Graph, ratios: Mapping[str, float], criterion: str = "
             continue
         ratio = float(ratios[group.id])
         if group.pinned:
-            result.groups.append(GroupResult(group.id, group.size, group.size, ratio, criterion,
+            result.groups.append(GroupResult(group.id, group.size, group.size, ratio, "none (group pinned)",
                                              note=f"pinned: {group.pinned}"))
             continue
         dead = _dead_channels(group, analysis, values) if values else np.zeros(group.size, dtype=bool)
-        scores, note = _scores(group, analysis, criterion, activations)
+        scores, used, note = _scores(group, analysis, criterion, activations)
         kept = select_channels(scores, dead, ratio, multiple, min_channels)
         removed_dead = np.setdiff1d(np.flatnonzero(dead), kept)
-        result.groups.append(GroupResult(group.id, group.size, len(kept), ratio, criterion, len(removed_dead), note))
+        result.groups.append(GroupResult(group.id, group.size, len(kept), ratio, used, len(removed_dead), note))
         if len(kept) < group.size:
             result.kept[group.id] = kept
         if len(removed_dead):
@@ -334,8 +334,9 @@ def _weight_scores(consumer: Consumer, p: int) -> np.ndarray:
 
 
 def _scores(group: ChannelGroup, analysis: ChannelAnalysis, criterion: str,
-            activations: dict[str, np.ndarray] | None) -> tuple[np.ndarray, str]:
-    """Importance of each channel of `group`: the sum over its members of their normalized scores."""
+            activations: dict[str, np.ndarray] | None) -> tuple[np.ndarray, str, str]:
+    """Importance of each channel of `group` (the sum over its members of their normalized
+    scores), the criterion actually used and a note saying why it differs from `criterion`."""
     producers = [c for c in group.consumers if c.kind in ch.PRODUCER_KINDS]
     total = np.zeros(group.size)
     note = ""
@@ -345,15 +346,15 @@ def _scores(group: ChannelGroup, analysis: ChannelAnalysis, criterion: str,
             gamma = np.abs(np.asarray(constant_value(input_at(c.node, 1)), dtype=np.float64))
             total += _normalized(gamma[analysis.position_matrix(c.tensor, group.id)].mean(axis=1))
         if norms:
-            return total, note
+            return total, criterion, note
         criterion, note = "l1", "no BatchNormalization in the group: l1 used"
     if criterion == "activation":
         for c in producers:
             total += _normalized(activations[c.tensor])
-        return total, note
+        return total, criterion, note
     for c in producers:
         total += _normalized(_weight_scores(c, 1 if criterion == "l1" else 2))
-    return total, note
+    return total, criterion, note
 
 
 def _iter_feeds(calibration: Any) -> Iterable[dict[str, np.ndarray]]:
@@ -834,9 +835,10 @@ def _node_stats(node: gs.Node) -> tuple:
 
 
 def _fill_report(report: Report, analysis: ChannelAnalysis, result: PruneResult, criterion: str) -> None:
+    used = {g.id: g.criterion for g in result.groups}  # bn falls back to l1 in groups without a BN
     for row in result.layers:
         note = (f"out {row['out_before']}->{row['out_after']}, in {row['in_before']}->{row['in_after']}; "
-                f"group {row['group']}; criterion {criterion}")
+                f"group {row['group']}; criterion {used.get(row['group'], 'none (group unchanged)')}")
         report.change(row["name"], row["op"], row["before"], row["after"], row["params_before"],
                       row["params_after"], row["macs_before"], row["macs_after"], note)
     pinned = []

@@ -441,3 +441,14 @@ def test_cli_compare_dead_channels_exact(tmp_model_path, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output)["outputs"]["logits"]
     assert metrics["max_rel"] < REL_TOL
+
+
+def test_bn_criterion_without_bn_falls_back_to_l1_and_says_so():
+    folded = prepared(zoo.build("plain", folded=True))
+    _, report = prune(folded, ratio=0.5, criterion="bn")
+    _, l1_report = prune(folded, ratio=0.5, criterion="l1")
+    assert report.layers and not [r.note for r in report.layers if "criterion bn" in r.note]
+    assert [r for r in report.layers if "criterion l1" in r.note]
+    assert [(r.name, r.after) for r in report.layers] == [(r.name, r.after) for r in l1_report.layers]
+    kept_bn = _kept_of(folded, "features.1.conv.output", ratio=0.5, criterion="bn")
+    assert kept_bn == _kept_of(folded, "features.1.conv.output", ratio=0.5, criterion="l1")
