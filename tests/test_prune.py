@@ -450,5 +450,5 @@ def test_bn_criterion_without_bn_falls_back_to_l1_and_says_so():
     assert report.layers and not [r.note for r in report.layers if "criterion bn" in r.note]
     assert [r for r in report.layers if "criterion l1" in r.note]
     assert [(r.name, r.after) for r in report.layers] == [(r.name, r.after) for r in l1_report.layers]
-    kept_bn = _kept_of(folded, "features.1.conv.output", ratio=0.5, criterion="bn")
-    assert kept_bn == _kept_of(folded, "features.1.conv.output", ratio=0.5, criterion="l1")
+    kept_bn = _kept_of(folded, "features.1.bn.output", ratio=0.5, criterion="bn")  # the folded conv's output
+    assert kept_bn == _kept_of(folded, "features.1.bn.output", ratio=0.5, criterion="l1")
