@@ -9,7 +9,9 @@
 // weight is one offset, and a tile of 64 consecutive outputs adds 64
 // consecutive floats: see kernels.h. Stride 1 has one phase (the padded input).
 // Aligned mode (stride 1, see plan_for) also keeps one pre-shifted copy per
-// kernel column and pads rows to 8 floats, so every load is 32-byte aligned.
+// kernel column and pads rows to 8 floats, so every load is 32-byte aligned;
+// compact mode keeps the copies with rows of exactly OW floats. Channel pairs
+// are stored as x1, x2, x1 + x2, x1 - x2 so one load serves two weights.
 #include "ternary_conv.h"
 
 #include <algorithm>
@@ -161,11 +163,16 @@ std::shared_ptr<const ConvPlan> TernaryConvKernel::plan_for(int64_t H, int64_t W
   //    (and aligned as well when OW is a multiple of 8). Wins on small planes
   //    (14x14, 7x7), where the padding columns are a large share of the work.
   // Shifted layouts are for stride 1 only (with stride 2 the extra copies cost
-  // more than they save). Among them the cheapest estimate wins: computed
-  // 8-float vectors, misaligned ones weighted kMisalignedCost.
+  // more than they save), and only without channel pairs (see ConvPlan::npairs):
+  // paired, the copies no longer fit L2, and the unaligned paired layout was
+  // measured faster on every ResNet-18 shape (e.g. 14x14: 0.79x vs 1.0x of ORT
+  // Conv; 7x7: 0.85x vs 0.99x). So they serve Cg == 1 (depthwise). Among them
+  // the cheapest estimate wins: computed 8-float vectors, misaligned ones
+  // weighted kMisalignedCost.
   const int64_t wrow8 = (p.Wph + 7) / 8 * 8;
   p.Wrow = p.Wph;
-  if (a.sw == 1) {
+  const bool paired = a.Cg >= 2;
+  if (a.sw == 1 && !paired) {
     auto cost = [&](int64_t wrow) {
       return double((p.OH * wrow + 7) / 8) * (wrow % 8 == 0 ? 1.0 : kMisalignedCost);
     };
@@ -204,6 +211,10 @@ std::shared_ptr<const ConvPlan> TernaryConvKernel::plan_for(int64_t H, int64_t W
   const int64_t nsh = static_cast<int64_t>(p.shifts.size());
   p.nplanes = p.nph * nsh;
   p.plane = (p.Hph * p.Wrow + 7) / 8 * 8;
+  // An odd number of 32-byte units per plane: with a power-of-two stride
+  // (e.g. 16x16 planes) the planes of a block map to a few L1 sets and evict
+  // each other.
+  if ((p.plane / 8) % 2 == 0) p.plane += 8;
   for (int64_t t = 0; t < taps; ++t) tap_plane[t] = tap_phase_shift[t][0] * nsh + tap_phase_shift[t][1];
   const int64_t max_shift = *std::max_element(tap_shift.begin(), tap_shift.end());
 
@@ -211,9 +222,7 @@ std::shared_ptr<const ConvPlan> TernaryConvKernel::plan_for(int64_t H, int64_t W
   p.tiles = (p.P + kTile - 1) / kTile;
   const int64_t vecs = (p.P + 7) / 8;
   p.tile_len = (vecs + p.tiles - 1) / p.tiles * 8;
-  // Paired pseudo-channels for the unshifted layout only (stride > 1: measured
-  // 5-8% faster); with the shifted layouts (3 copies per plane) they were slower.
-  p.npairs = p.shifted ? 0 : a.Cg / 2;
+  p.npairs = paired ? a.Cg / 2 : 0;
   p.Cps = 4 * p.npairs + (a.Cg - 2 * p.npairs);
   const double block = double(p.Cps) * p.nplanes * p.plane + double(max_shift) + double(p.tiles) * kTile + 16;
   if (block > double(INT32_MAX) - 64)
