@@ -55,6 +55,8 @@ BASE_CONFIGS = [
     ("prune 0.3 (bn criterion) + bnrecal", "ocomp", "prune,bnrecal,foldbn",
      {"prune": {"ratio": 0.3, "criterion": "bn"}}),
     ("prune 0.3 (multiple 8) + bnrecal", "ocomp", "prune,bnrecal,foldbn", {"prune": {"ratio": 0.3, "multiple": 8}}),
+    ("prune 0.3 (multiple 8) + ternary + bnrecal", "ocomp", "prune,ternary,bnrecal,foldbn",
+     {"prune": {"ratio": 0.3, "multiple": 8}}),
     # bnrecal's mean-only bias correction (match_std off): the int8 recipe, too weak for BN-folded models
     ("prune 0.3 + bnrecal (mean only)", "ocomp", "prune,bnrecal,foldbn",
      {"prune": {"ratio": 0.3}, "bnrecal": {"match_std": False}}),
