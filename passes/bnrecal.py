@@ -17,7 +17,12 @@ Data-Free Quantization, ICCV 2019).
   BN-folded ResNet-20 it gives 9.85% top-1 where std matching gives 90.30%. Pruned channels are
   mapped back to the reference with ctx.state["kept_channels"].
 
-Both run layer by layer in "waves": all layers whose inputs no longer depend on
+- `reconstruct` (off by default) re-fits, before any of that, the weights and bias of every plain Conv
+  (group 1), Gemm and MatMul whose input channels were pruned, by ridge least squares against the reference
+  model's output at the same tensor (feature-map reconstruction: ThiNet, Luo et al. 2017; Channel Pruning,
+  He et al. 2017); see the section "weight reconstruction" below. Ternary ops and grouped convs are skipped.
+
+All of them run layer by layer in "waves": all layers whose inputs no longer depend on
 an uncorrected layer are measured in one pass over the data, so that each layer
 sees the corrected layers before it. Intermediate tensors are exposed as extra
 outputs of an onnxruntime session over the needed sub-graph, and only
@@ -61,6 +66,9 @@ class BNRecal(Pass):
         Option("match_std", bool, True, "bias correction also scales each channel to the reference std "
                "(off: mean-only bias correction, which cannot undo the variance change of ternary or pruned "
                "BN-folded layers)"),
+        Option("reconstruct", bool, False, "re-fit the weights and bias of every plain Conv/Gemm/MatMul whose "
+               "input channels were pruned by ridge least squares, so that its output matches the original "
+               "model's (feature-map reconstruction, ThiNet / He et al. 2017); needs the original model"),
     )
     needs = frozenset({"calibration"})
 
@@ -79,14 +87,28 @@ class BNRecal(Pass):
                 targets = _targets(graph, reference_names, report)
                 if targets:
                     ref_stats = runner.stats(ctx.reference, {t.tensor: t.axis for t in targets})
-        # BNs and corrected layers in one schedule: each wave sees every earlier wave's changes
-        by_node = {id(t.node): t for t in targets}
         kept = ctx.state.get("kept_channels", {})
-        for wave in _waves(graph, bns + [t.node for t in targets]):
-            wave_bns = [n for n in wave if id(n) not in by_node]
+        fits: list[_Fit] = []
+        if ctx.options.get("reconstruct"):
+            if ctx.reference is None:
+                report.skip("*", "-", "reconstruct needs the reference model (ocomp compress passes it)")
+            else:
+                fits = _fits(graph, ctx.reference, kept, report)
+        # reconstructed layers, BNs and corrected layers in one schedule: each wave sees every earlier wave's
+        # changes, and within a wave layers are re-fitted before statistics are measured
+        by_node = {id(t.node): t for t in targets}
+        fit_of = {id(f.node): f for f in fits}
+        schedule = bns + [t.node for t in targets] + [f.node for f in fits if id(f.node) not in by_node]
+        for wave in _waves(graph, schedule):
+            wave_fits = [fit_of[id(n)] for n in wave if id(n) in fit_of]
+            if wave_fits:
+                runner.reconstruct(graph, ctx.export(graph), ctx.reference, wave_fits, report)
+            wave_bns = [n for n in wave if n.op == "BatchNormalization" and id(n) not in by_node]
             wave_targets = [by_node[id(n)] for n in wave if id(n) in by_node]
             axes = {bn.inputs[0].name: 1 for bn in wave_bns}
             axes.update({t.tensor: t.axis for t in wave_targets})
+            if not axes:
+                continue
             stats = runner.stats(ctx.export(graph), axes)
             for bn in wave_bns:
                 _set_bn(graph, bn, stats[bn.inputs[0].name], report)
@@ -100,12 +122,13 @@ class BNRecal(Pass):
 
 def recalibrate(model: onnx.ModelProto, calibration: Any, reference: onnx.ModelProto | None = None,
                 kept_channels: dict | None = None, samples: int | None = None, bias: bool = True,
-                match_std: bool = True) -> onnx.ModelProto:
+                match_std: bool = True, reconstruct: bool = False) -> onnx.ModelProto:
     """Plain-function form of the pass: returns the recalibrated model (the input is not modified)."""
     from ocomp.model import to_graph, to_model
 
     graph = to_graph(model)
-    ctx = Context(options={"samples": samples or 10**9, "bias": bias, "match_std": match_std},
+    ctx = Context(options={"samples": samples or 10**9, "bias": bias, "match_std": match_std,
+                           "reconstruct": reconstruct},
                   calibration=calibration, reference=reference, template=model,
                   state={"kept_channels": dict(kept_channels or {})})
     BNRecal().run(graph, ctx)
@@ -187,6 +210,45 @@ class _Runner:
         self.samples = samples
         self.passes += 1
         return stats
+
+    def reconstruct(self, graph: gs.Graph, model: onnx.ModelProto, reference: onnx.ModelProto,
+                    fits: list["_Fit"], report: Report) -> None:
+        """Re-fit `fits` (layers of one wave) on the current model's inputs against the reference outputs.
+        Layers are exposed in groups of at most MEMORY_BUDGET bytes a batch, one pass over the data a group."""
+        sizes = _sample_bytes(model)
+        per_batch = getattr(self.data, "batch_size", 32)
+        group: list[_Fit] = []
+        used = 0
+        for fit in fits:
+            cost = sizes.get(fit.x, 0) * per_batch
+            if group and used + cost > MEMORY_BUDGET:
+                self._reconstruct(graph, model, reference, group, report)
+                group, used = [], 0
+            group.append(fit)
+            used += cost
+        if group:
+            self._reconstruct(graph, model, reference, group, report)
+
+    def _reconstruct(self, graph: gs.Graph, model: onnx.ModelProto, reference: onnx.ModelProto,
+                     fits: list["_Fit"], report: Report) -> None:
+        x_names = list(dict.fromkeys(f.x for f in fits))
+        y_names = list(dict.fromkeys(f.y for f in fits))
+        current = self.ctx.session(_expose(model, x_names))
+        original = self.ctx.session(_expose(reference, y_names))
+        current_inputs = {i.name for i in current.get_inputs()}
+        original_inputs = {i.name for i in original.get_inputs()}
+        equations = [_Equations() for _ in fits]
+        for batch, (feeds, _) in enumerate(self.data.batches()):
+            xs = dict(zip(x_names, current.run(x_names, {k: v for k, v in feeds.items() if k in current_inputs})))
+            ys = dict(zip(y_names, original.run(y_names, {k: v for k, v in feeds.items() if k in original_inputs})))
+            for fit, eq in zip(fits, equations):
+                rows, targets = fit.rows(xs[fit.x], ys[fit.y], batch)
+                eq.add(rows, targets)
+        if not any(eq.rows for eq in equations):
+            raise OcompError("bnrecal: the calibration data is empty")
+        self.passes += 1
+        for fit, eq in zip(fits, equations):
+            fit.solve(graph, eq, report)
 
 
 def _sample_bytes(model: onnx.ModelProto) -> dict[str, int]:
@@ -423,3 +485,231 @@ def stats_of(model: onnx.ModelProto, names: Iterable[str], data: Any,
     ctx = Context(template=model)
     ctx.session = session  # type: ignore[method-assign]
     return _Runner(ctx, data).stats(model, {n: axis for n in names})
+
+
+# ---------------------------------------------------------------- weight reconstruction
+#
+# Feature-map reconstruction (ThiNet, Luo et al. 2017; He et al. 2017): a layer whose input channels were
+# pruned gets the weights W (and bias b) that make its output on the *current* input X (im2col of a Conv's
+# input; already pruned and corrected upstream) closest to the original model's output Y at the same tensor:
+#     [W; b] = argmin ||X W + b - Y||^2 + lambda ||W - W0||^2,   lambda = RIDGE * mean(diag(X^T X)),
+# solved from X^T X and X^T Y accumulated in float64 batch by batch. The ridge term pulls towards the
+# layer's current (pruned) weights W0 rather than towards zero: when the removed channels were dead, W0 fits
+# exactly and is kept exactly, whatever lambda; the bias is not regularized.
+
+RIDGE = 1e-3  # lambda relative to the mean diagonal of X^T X (the mean squared input feature)
+ROWS_PER_BATCH = 4096  # im2col rows a batch at most (spatial positions subsampled deterministically)
+REFIT_OPS = ("Conv", "Gemm", "MatMul")
+
+
+class _Equations:
+    """Normal equations of one layer: X^T X, X^T Y (float64) and sum(Y^2), with X's ones column appended."""
+
+    def __init__(self) -> None:
+        self.xtx: np.ndarray | None = None
+        self.xty: np.ndarray | None = None
+        self.yy = 0.0
+        self.rows = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+        xtx, xty = x.T @ x, x.T @ y
+        if self.xtx is None:
+            self.xtx, self.xty = xtx, xty
+        else:
+            self.xtx += xtx
+            self.xty += xty
+        self.yy += float((y**2).sum())
+        self.rows += len(x)
+
+    def error(self, theta: np.ndarray) -> float:
+        """||X theta - Y||^2 / ||Y||^2 from the accumulated sums."""
+        sse = float(np.sum(theta * (self.xtx @ theta)) - 2 * np.sum(theta * self.xty)) + self.yy
+        return max(sse, 0.0) / max(self.yy, 1e-30)
+
+
+@dataclass
+class _Fit:
+    node: gs.Node
+    x: str  # input tensor of the current model
+    y: str  # the same layer's output tensor in the reference model
+    out_kept: np.ndarray | None  # reference output channels kept here
+    bias: str  # "own": has a bias (or MatMul's bias Add); "new": add one; "drop": a BN follows; "none"
+    add: gs.Node | None = None
+    add_index: int = 0
+
+    def rows(self, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This batch's rows of X (im2col for a Conv) and of Y (output channels mapped to the kept ones)."""
+        if self.node.op == "Conv":
+            cols, y = self._im2col(np.asarray(x, np.float64), np.asarray(y), batch)
+        else:
+            cols = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+            axis = 1 if self.node.op == "Gemm" else y.ndim - 1
+            y = np.moveaxis(y, axis, -1).reshape(-1, y.shape[axis])
+        if self.out_kept is not None:
+            y = y[:, self.out_kept]
+        return cols, np.asarray(y, np.float64)
+
+    def _im2col(self, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        weight = const_value(self.node.inputs[1])
+        _, channels, kh, kw = weight.shape
+        b, _, h, w = x.shape
+        oh, ow = y.shape[2:]
+        sh, sw = self.node.attrs.get("strides", [1, 1])
+        dh, dw = self.node.attrs.get("dilations", [1, 1])
+        auto_pad = self.node.attrs.get("auto_pad", "NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            pads = []
+            for size, out, k, s, d in ((h, oh, kh, sh, dh), (w, ow, kw, sw, dw)):
+                total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+                pads.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
+                pads.append(total - pads[-1])
+            top, bottom, left, right = pads
+        elif auto_pad == "VALID":
+            top = bottom = left = right = 0
+        else:
+            top, left, bottom, right = self.node.attrs.get("pads", [0, 0, 0, 0])
+        padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+        positions = b * oh * ow
+        if positions > ROWS_PER_BATCH:  # deterministic subsample: the same rows on every run
+            chosen = np.sort(np.random.default_rng(batch).choice(positions, ROWS_PER_BATCH, replace=False))
+        else:
+            chosen = np.arange(positions)
+        bi, hi, wi = np.unravel_index(chosen, (b, oh, ow))
+        cols = np.empty((len(chosen), channels, kh, kw))
+        for i in range(kh):
+            for j in range(kw):
+                cols[:, :, i, j] = padded[bi, :, hi * sh + i * dh, wi * sw + j * dw]
+        return cols.reshape(len(chosen), -1), y[bi, :, hi, wi]
+
+    def current(self) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's effective weights as (features, outputs) and its effective bias."""
+        node = self.node
+        weight = np.asarray(const_value(node.inputs[1]), np.float64)
+        outputs = weight.shape[0] if node.op == "Conv" or node.attrs.get("transB", 0) else weight.shape[-1]
+        if node.op == "Conv":
+            weight = weight.reshape(outputs, -1).T
+        elif node.op == "Gemm":
+            weight = (weight.T if node.attrs.get("transB", 0) else weight) * float(node.attrs.get("alpha", 1.0))
+        bias = np.zeros(outputs)
+        if self.add is not None:
+            bias = np.asarray(const_value(self.add.inputs[self.add_index]), np.float64).reshape(-1)
+        elif self.bias == "own":
+            value = np.asarray(const_value(node.inputs[2]), np.float64)
+            if node.op == "Gemm":
+                value = float(node.attrs.get("beta", 1.0)) * value
+            bias = np.broadcast_to(value.reshape(-1), (outputs,)).copy()
+        return weight, bias
+
+    def solve(self, graph: gs.Graph, eq: _Equations, report: Report) -> None:
+        node = self.node
+        weight, bias = self.current()
+        features, outputs = weight.shape
+        if eq.xty.shape[1] != outputs:
+            report.skip(node.name, node.op, f"{outputs} outputs here, {eq.xty.shape[1]} mapped from the reference")
+            return
+        before = eq.error(np.vstack([weight, bias[None]]))
+        lam = RIDGE * max(float(np.mean(np.diag(eq.xtx)[:features])), 1e-12)
+        reg = np.full(features + 1, lam)
+        reg[-1] = 0.0  # the bias is not regularized
+        intercept = self.bias != "none"  # without a bias to fit, the ones column is dropped
+        a = eq.xtx + np.diag(reg)
+        rhs = eq.xty + reg[:, None] * np.vstack([weight, np.zeros((1, outputs))])
+        keep = slice(None) if intercept else slice(0, features)
+        try:
+            theta = np.linalg.solve(a[keep, keep], rhs[keep])
+        except np.linalg.LinAlgError:
+            theta = np.linalg.lstsq(a[keep, keep], rhs[keep], rcond=None)[0]
+        if not intercept:
+            theta = np.vstack([theta, np.zeros((1, outputs))])
+        after = eq.error(theta)
+        new_weight, new_bias = theta[:features], theta[features]
+        self._store(graph, new_weight, new_bias, bias)
+        report.change(node.name, node.op, f"{features} in", f"{features} in", 0, 0,
+                      note=f"reconstructed on {eq.rows} rows: relative error {before:.3g} -> {after:.3g}")
+        report.details.setdefault("reconstructed", {})[node.name] = {
+            "rows": eq.rows, "error_before": before, "error_after": after, "lambda": lam}
+
+    def _store(self, graph: gs.Graph, weight: np.ndarray, bias: np.ndarray, old_bias: np.ndarray) -> None:
+        node = self.node
+        original = const_value(node.inputs[1])
+        if node.op == "Conv":
+            stored = weight.T.reshape(original.shape)
+        elif node.op == "Gemm":
+            stored = weight / float(node.attrs.get("alpha", 1.0))
+            stored = stored.T if node.attrs.get("transB", 0) else stored
+        else:
+            stored = weight
+        _set_input(graph, node, 1, stored, "weight")
+        if self.add is not None:  # MatMul: y = x W + c + add_bias
+            shape = const_value(self.add.inputs[self.add_index]).shape
+            _set_input(graph, self.add, self.add_index, (old_bias + bias).reshape(shape), "bias")
+        elif self.bias in ("own", "new"):
+            _set_input(graph, node, 2, bias, "bias")
+            if node.op == "Gemm":
+                node.attrs["beta"] = 1.0
+
+
+def _fits(graph: gs.Graph, reference: onnx.ModelProto, kept_channels: dict, report: Report) -> list[_Fit]:
+    """Layers whose input channels were pruned (fewer input features than in the reference model)."""
+    ref_graph = gs.import_onnx(reference)
+    ref_nodes = {n.outputs[0].name: n for n in ref_graph.nodes if n.outputs}
+    fits = []
+    for node in _sorted(graph):
+        if node.op not in CORRECTABLE or not node.inputs or const_value(input_at(node, 1)) is None:
+            continue
+        ref = ref_nodes.get(node.outputs[0].name)
+        weight = const_value(node.inputs[1])
+        ref_weight = const_value(input_at(ref, 1)) if ref is not None and len(ref.inputs) > 1 else None
+        pruned = node.inputs[0].name in kept_channels
+        if node.op in REFIT_OPS and _standard(node) and ref_weight is not None and ref.op == node.op:
+            axis = 1 if node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("transB", 0)) else 0
+            pruned = pruned or weight.shape[axis] < ref_weight.shape[axis]
+        if not pruned:
+            continue
+        if node.op not in REFIT_OPS or not _standard(node):
+            report.skip(node.name, node.op, "input channels pruned, not reconstructed (only plain Conv/Gemm/MatMul)")
+            continue
+        reason = _refit_blocker(node, ref, weight, ref_weight)
+        if reason:
+            report.skip(node.name, node.op, f"input channels pruned, not reconstructed: {reason}")
+            continue
+        fit = _Fit(node, node.inputs[0].name, node.outputs[0].name, None, "own")
+        kept = kept_channels.get(node.outputs[0].name)
+        out_count = weight.shape[0] if node.op == "Conv" or node.attrs.get("transB", 0) else weight.shape[-1]
+        ref_count = ref_weight.shape[0] if node.op == "Conv" or ref.attrs.get("transB", 0) else ref_weight.shape[-1]
+        if kept is not None:
+            fit.out_kept = np.asarray(kept)
+        if (len(fit.out_kept) if fit.out_kept is not None else ref_count) != out_count:
+            report.skip(node.name, node.op, "input channels pruned, not reconstructed: output channels do not map "
+                        "to the reference")
+            continue
+        out = node.outputs[0]
+        if node.op == "MatMul":
+            found = _matmul_add(node)
+            if found is not None:
+                fit.add, fit.add_index = found
+            else:
+                fit.bias = "drop" if _feeds_bn(out) else "none"
+        elif len(node.inputs) < 3 or node.inputs[2].name == "":
+            fit.bias = "drop" if _feeds_bn(out) else "new"
+        fits.append(fit)
+    return fits
+
+
+def _refit_blocker(node: gs.Node, ref: gs.Node | None, weight: np.ndarray, ref_weight: np.ndarray | None) -> str:
+    if ref is None or ref_weight is None or ref.op != node.op:
+        return f"no {node.op} with a constant weight makes tensor '{node.outputs[0].name}' in the original model"
+    if node.op == "Conv":
+        if node.attrs.get("group", 1) != 1:
+            return "grouped/depthwise Conv"
+        if weight.ndim != 4:
+            return "only 2-D Conv"
+    if node.op == "Gemm" and node.attrs.get("transA", 0):
+        return "Gemm with transA"
+    if node.op == "MatMul" and weight.ndim != 2:
+        return "MatMul weight is not 2-D"
+    if len(node.inputs) > 2 and node.inputs[2].name and const_value(node.inputs[2]) is None:
+        return "bias is not a constant"
+    return ""

@@ -188,3 +188,129 @@ def test_exposed_tensors_are_chunked_under_the_memory_budget(monkeypatch) -> Non
     got = {i.name: numpy_helper.to_array(i) for i in chunked.model.graph.initializer}
     for init in whole.model.graph.initializer:
         np.testing.assert_allclose(got[init.name], numpy_helper.to_array(init), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- weight reconstruction (--bnrecal-reconstruct)
+
+
+def refitted_outputs(result) -> list[str]:
+    """Output tensors of the layers bnrecal reconstructed (from its report)."""
+    names = set(result.reports[-1].details.get("reconstructed", {}))
+    return [n.output[0] for n in result.model.graph.node if n.name in names]
+
+
+def mse_to_reference(model: onnx.ModelProto, reference: onnx.ModelProto, names: list[str], feeds: dict,
+                     kept_channels: dict) -> dict[str, float]:
+    got = exposed_values(model, names, feeds)
+    want = exposed_values(reference, names, feeds)
+    errors = {}
+    for name in names:
+        w = want[name].astype(np.float64)
+        if name in kept_channels:
+            w = np.take(w, np.asarray(kept_channels[name]), axis=1)
+        errors[name] = float(np.mean((got[name].astype(np.float64) - w) ** 2))
+    return errors
+
+
+@pytest.mark.parametrize("name", ["plain", "resnet", "flatten_gemm"])
+@pytest.mark.parametrize("folded", [False, True])
+def test_reconstruct_brings_pruned_layers_closer_to_the_original(name: str, folded: bool) -> None:
+    reference = infer_shapes(zoo.build(name, folded=folded))
+    data = calibration(reference, n=64)
+    feeds = {"input": zoo.random_input(reference, batch=64, seed=1)["input"]}  # the calibration data
+    runs = {}
+    for reconstruct in (False, True):
+        state: dict = {}
+        runs[reconstruct] = (run_passes(reference, ["prune", "bnrecal"], {"prune": {"ratio": 0.5},
+                                        "bnrecal": {"reconstruct": reconstruct}},
+                                        calibration=data, reference=reference, state=state), state)
+    result, state = runs[True]
+    names = refitted_outputs(result)
+    assert names, "prune 0.5 should have pruned the input channels of some layers"
+    assert not refitted_outputs(runs[False][0])
+    kept = state["kept_channels"]
+    with_fit = mse_to_reference(result.model, reference, names, feeds, kept)
+    without = mse_to_reference(runs[False][0].model, reference, names, feeds, runs[False][1]["kept_channels"])
+    # the first re-fitted layer sees the same input in both runs: least squares can only be better there
+    first = names[0]
+    assert with_fit[first] < 0.9 * without[first], (first, with_fit[first], without[first])
+    assert sum(with_fit.values()) < sum(without.values())
+    # and the network output follows
+    logits = result.model.graph.output[0].name
+    out_fit = mse_to_reference(result.model, reference, [logits], feeds, {})[logits]
+    out_without = mse_to_reference(runs[False][0].model, reference, [logits], feeds, {})[logits]
+    assert out_fit < out_without
+
+
+def test_reconstruct_keeps_outputs_when_the_pruned_inputs_were_dead() -> None:
+    """Channels 0..7 of features.0 are dead (zero weights, negative bias, then Relu); prune removes exactly
+    those, so the kept weights already fit exactly and the ridge (pulled towards them) must keep them."""
+    model = zoo.build("plain", folded=True)
+    graph = gs.import_onnx(model)
+    conv = next(n for n in graph.nodes if n.name == "features.0.conv")
+    conv.inputs[1].values[:8] = 0.0
+    conv.inputs[2].values[:8] = -1.0
+    reference = gs.export_onnx(graph)
+    reference.ir_version = model.ir_version
+    reference = infer_shapes(reference)
+    data = calibration(reference, n=64)
+    state: dict = {}
+    result = run_passes(reference, ["prune", "bnrecal"],
+                        {"prune": {"ratio": 0.0, "layer": ["features.0.conv=0.5"]}, "bnrecal": {"reconstruct": True}},
+                        calibration=data, reference=reference, state=state)
+    assert len(state["kept_channels"]["features.0.relu.output"]) == 8
+    assert set(refitted_outputs(result)) == {"features.1.bn.output"}
+    fit = result.reports[-1].details["reconstructed"]["features.1.conv"]
+    assert fit["error_after"] < 1e-5 and fit["lambda"] > 0  # float32 round-off of the sums
+    feeds = {"input": zoo.random_input(reference, batch=64, seed=1)["input"]}
+    names = ["features.1.bn.output", "features.3.relu.output", "logits"]
+    got, want = exposed_values(result.model, names, feeds), exposed_values(reference, names, feeds)
+    for name in names:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-4)
+
+
+def test_reconstruct_skips_grouped_and_ternary_layers() -> None:
+    reference = infer_shapes(zoo.build("resnet", folded=True))
+    data = calibration(reference, n=32)
+    result = run_passes(reference, ["prune", "ternary", "bnrecal"],
+                        {"prune": {"ratio": 0.5}, "bnrecal": {"reconstruct": True}},
+                        calibration=data, reference=reference)
+    skipped = [s for s in result.reports[-1].skipped if "not reconstructed" in str(s)]
+    assert skipped, "ternary layers with pruned inputs are reported, not re-fitted"
+    refitted = set(result.reports[-1].details.get("reconstructed", {}))
+    assert all(n.op_type in ("Conv", "Gemm", "MatMul") for n in result.model.graph.node if n.name in refitted)
+    grouped = infer_shapes(zoo.build("mobilenetv2", folded=True))
+    result = run_passes(grouped, ["prune", "bnrecal"], {"prune": {"ratio": 0.5}, "bnrecal": {"reconstruct": True}},
+                        calibration=calibration(grouped, n=32), reference=grouped)
+    depthwise = {n.name for n in result.model.graph.node if n.op_type == "Conv" and any(
+        a.name == "group" and a.i > 1 for a in n.attribute)}
+    assert depthwise and not depthwise & set(result.reports[-1].details.get("reconstructed", {}))
+
+
+def test_reconstruct_recovers_pruned_resnet20(shared_dir: Path) -> None:
+    model = infer_shapes(onnx.load(shared_dir / "resnet20_fashion_mnist.onnx"))
+    calib = np.load(shared_dir / "fashion_mnist_calib.npz")
+    test = np.load(shared_dir / "fashion_mnist_test.npz")
+    images = test["images"][:1000].astype(np.float32) / 255.0
+    labels = test["labels"][:1000]
+    data = dataset_from_arrays(model, calib["images"][:64].astype(np.float32) / 255.0)
+
+    def accuracy(reconstruct: bool) -> float:
+        options = {"prune": {"ratio": 0.3}, "bnrecal": {"reconstruct": reconstruct}}
+        out = run_passes(model, ["prune", "bnrecal"], options, calibration=data, reference=model).model
+        return float((session(out).run(None, {"input": images})[0].argmax(1) == labels).mean())
+
+    without, with_fit = accuracy(False), accuracy(True)
+    assert with_fit > without + 0.1, (without, with_fit)
+    assert with_fit > 0.85
+
+
+def test_cli_reconstruct_flag(tmp_path: Path) -> None:
+    model = zoo.build("resnet")
+    src, calib = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    onnx.save(model, src)
+    np.savez(calib, input=zoo.random_input(model, batch=32, seed=2)["input"])
+    result = CliRunner().invoke(main, ["compress", str(src), "-o", str(tmp_path / "o.onnx"), "--passes",
+                                       "prune,bnrecal", "--calib", str(calib), "--bnrecal-reconstruct"])
+    assert result.exit_code == 0, result.output
+    assert "reconstructed on" in result.output
