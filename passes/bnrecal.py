@@ -17,10 +17,13 @@ Data-Free Quantization, ICCV 2019).
   BN-folded ResNet-20 it gives 9.85% top-1 where std matching gives 90.30%. Pruned channels are
   mapped back to the reference with ctx.state["kept_channels"].
 
-- `reconstruct` (off by default) re-fits, before any of that, the weights and bias of every plain Conv
-  (group 1), Gemm and MatMul whose input channels were pruned, by ridge least squares against the reference
+- `reconstruct` (on by default) first re-fits the weights and bias of every group-1 Conv, Gemm and MatMul
+  whose input channels were pruned, and of every ternary op, by ridge least squares against the reference
   model's output at the same tensor (feature-map reconstruction: ThiNet, Luo et al. 2017; Channel Pruning,
-  He et al. 2017); see the section "weight reconstruction" below. Ternary ops and grouped convs are skipped.
+  He et al. 2017); a ternary op's fit is ternarized again and its alpha and bias solved for the new T. See
+  the section "weight reconstruction" below. Grouped/depthwise convs are left to the statistics steps.
+  On ResNet-20 (Fashion-MNIST) it takes prune 0.3 + bnrecal from 60.1% to 91.2% top-1 and
+  prune 0.3 + ternary + bnrecal from 32.2% to 90.4%.
 
 All of them run layer by layer in "waves": all layers whose inputs no longer depend on
 an uncorrected layer are measured in one pass over the data, so that each layer
@@ -40,7 +43,10 @@ import onnx_graphsurgeon as gs
 
 from ocomp.errors import OcompError
 from ocomp.graph import STANDARD_DOMAINS, const_value, input_at, unique_name
+from ocomp.model import CUSTOM_DOMAIN
 from ocomp.pipeline import Context, Option, Pass, Report, register
+
+from .ternary import TERNARY_OPS, pack_ternary, ternarize_optimal, unpack_ternary
 
 CONV_LIKE = ("Conv", "TernaryConv")
 MEMORY_BUDGET = 256 * 2**20  # bytes of exposed activations a batch
@@ -66,9 +72,10 @@ class BNRecal(Pass):
         Option("match_std", bool, True, "bias correction also scales each channel to the reference std "
                "(off: mean-only bias correction, which cannot undo the variance change of ternary or pruned "
                "BN-folded layers)"),
-        Option("reconstruct", bool, False, "re-fit the weights and bias of every plain Conv/Gemm/MatMul whose "
-               "input channels were pruned by ridge least squares, so that its output matches the original "
-               "model's (feature-map reconstruction, ThiNet / He et al. 2017); needs the original model"),
+        Option("reconstruct", bool, True, "re-fit, before the statistics, every group-1 Conv/Gemm/MatMul whose "
+               "input channels were pruned and every ternary op, by least squares against the original model's "
+               "output at the same tensor (feature-map reconstruction; a ternary op is ternarized again and its "
+               "alpha/bias solved); needs the original model"),
     )
     needs = frozenset({"calibration"})
 
@@ -496,10 +503,21 @@ def stats_of(model: onnx.ModelProto, names: Iterable[str], data: Any,
 # solved from X^T X and X^T Y accumulated in float64 batch by batch. The ridge term pulls towards the
 # layer's current (pruned) weights W0 rather than towards zero: when the removed channels were dead, W0 fits
 # exactly and is kept exactly, whatever lambda; the bias is not regularized.
+#
+# Ternary ops (TernaryConv group 1, TernaryGemm, TernaryMatMul) are fitted the same way in float, then the
+# fitted W is ternarized again per output channel (the exact least-squares ternarization of passes/ternary.py)
+# and, with T fixed, each channel's alpha and bias are solved exactly from the same sums (a 2x2 system a
+# channel). A re-fit that would not lower the layer's error on the calibration data is not applied.
 
+MAX_FEATURES = 4608  # larger layers (e.g. VGG's 25088-input classifier) are not re-fitted: X^T X would not fit
 RIDGE = 1e-3  # lambda relative to the mean diagonal of X^T X (the mean squared input feature)
 ROWS_PER_BATCH = 4096  # im2col rows a batch at most (spatial positions subsampled deterministically)
-REFIT_OPS = ("Conv", "Gemm", "MatMul")
+FLOAT_OF = {"Conv": "Conv", "Gemm": "Gemm", "MatMul": "MatMul",
+            "TernaryConv": "Conv", "TernaryGemm": "Gemm", "TernaryMatMul": "MatMul"}
+
+
+def _is_ternary(node: gs.Node) -> bool:
+    return node.domain == CUSTOM_DOMAIN and node.op in TERNARY_OPS
 
 
 class _Equations:
@@ -537,22 +555,22 @@ class _Fit:
     bias: str  # "own": has a bias (or MatMul's bias Add); "new": add one; "drop": a BN follows; "none"
     add: gs.Node | None = None
     add_index: int = 0
+    ternary: np.ndarray | None = None  # the new T of a ternary op, (outputs, features)
 
     def rows(self, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """This batch's rows of X (im2col for a Conv) and of Y (output channels mapped to the kept ones)."""
-        if self.node.op == "Conv":
+        if self.node.op in ("Conv", "TernaryConv"):
             cols, y = self._im2col(np.asarray(x, np.float64), np.asarray(y), batch)
         else:
             cols = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-            axis = 1 if self.node.op == "Gemm" else y.ndim - 1
+            axis = 1 if self.node.op.endswith("Gemm") else y.ndim - 1
             y = np.moveaxis(y, axis, -1).reshape(-1, y.shape[axis])
         if self.out_kept is not None:
             y = y[:, self.out_kept]
         return cols, np.asarray(y, np.float64)
 
     def _im2col(self, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        weight = const_value(self.node.inputs[1])
-        _, channels, kh, kw = weight.shape
+        _, channels, kh, kw = _weight_shape(self.node)
         b, _, h, w = x.shape
         oh, ow = y.shape[2:]
         sh, sw = self.node.attrs.get("strides", [1, 1])
@@ -586,6 +604,14 @@ class _Fit:
     def current(self) -> tuple[np.ndarray, np.ndarray]:
         """The layer's effective weights as (features, outputs) and its effective bias."""
         node = self.node
+        if _is_ternary(node):
+            shape = _weight_shape(node)
+            rows = unpack_ternary(const_value(node.inputs[1]), shape).reshape(shape[0], -1).astype(np.float64)
+            alpha = np.asarray(const_value(node.inputs[2]), np.float64).reshape(-1)
+            weight = (alpha[:, None] * rows).T
+            bias = const_value(input_at(node, 3))
+            bias = np.zeros(shape[0]) if bias is None else np.asarray(bias, np.float64).reshape(-1).copy()
+            return weight, bias
         weight = np.asarray(const_value(node.inputs[1]), np.float64)
         outputs = weight.shape[0] if node.op == "Conv" or node.attrs.get("transB", 0) else weight.shape[-1]
         if node.op == "Conv":
@@ -623,16 +649,55 @@ class _Fit:
             theta = np.linalg.lstsq(a[keep, keep], rhs[keep], rcond=None)[0]
         if not intercept:
             theta = np.vstack([theta, np.zeros((1, outputs))])
+        if _is_ternary(node):
+            theta = self._ternary_theta(theta[:features], eq, intercept)
         after = eq.error(theta)
+        details = report.details.setdefault("reconstructed", {})
+        if after > before + 1e-9:  # (a float fit cannot be worse; an exact fit can round either way)
+            report.skip(node.name, node.op, f"not reconstructed: the re-fit would not lower the error "
+                        f"({before:.3g} -> {after:.3g})")
+            return
         new_weight, new_bias = theta[:features], theta[features]
         self._store(graph, new_weight, new_bias, bias)
         report.change(node.name, node.op, f"{features} in", f"{features} in", 0, 0,
                       note=f"reconstructed on {eq.rows} rows: relative error {before:.3g} -> {after:.3g}")
-        report.details.setdefault("reconstructed", {})[node.name] = {
-            "rows": eq.rows, "error_before": before, "error_after": after, "lambda": lam}
+        details[node.name] = {"rows": eq.rows, "error_before": before, "error_after": after, "lambda": lam}
+
+    def _ternary_theta(self, fitted: np.ndarray, eq: _Equations, intercept: bool) -> np.ndarray:
+        """Ternarize the float fit (features, outputs), then the exact alpha and bias of each channel for that T."""
+        ternary, _ = ternarize_optimal(fitted.T)
+        t = ternary.astype(np.float64)  # (outputs, features)
+        features = t.shape[1]
+        xx, x1, n = eq.xtx[:features, :features], eq.xtx[:features, features], eq.xtx[features, features]
+        zz = np.einsum("of,fg,og->o", t, xx, t)  # ||X t_o||^2
+        zy = np.einsum("of,fo->o", t, eq.xty[:features])  # (X t_o) . y_o
+        z1 = t @ x1  # sum of X t_o
+        y1 = eq.xty[features]  # sum of y_o
+        alpha, bias = np.zeros(len(t)), np.zeros(len(t))
+        if intercept:
+            det = zz * n - z1**2
+            ok = det > 1e-12 * np.maximum(zz * n, 1e-30)
+            alpha[ok] = (zy[ok] * n - z1[ok] * y1[ok]) / det[ok]
+            bias = np.where(ok, (y1 - alpha * z1) / max(n, 1e-30), y1 / max(n, 1e-30))
+        else:
+            ok = zz > 1e-30
+            alpha[ok] = zy[ok] / zz[ok]
+        self.ternary = ternary
+        return np.vstack([t.T * alpha[None, :], bias[None, :]])
 
     def _store(self, graph: gs.Graph, weight: np.ndarray, bias: np.ndarray, old_bias: np.ndarray) -> None:
         node = self.node
+        if _is_ternary(node):
+            alpha = np.zeros(len(self.ternary))
+            rows = np.abs(self.ternary).sum(axis=1)
+            nonzero = rows > 0  # alpha_o = W[f, o] / T[o, f] wherever T is nonzero
+            alpha[nonzero] = (weight.T * self.ternary).sum(axis=1)[nonzero] / rows[nonzero]
+            name = unique_name(graph, f"{node.name or node.outputs[0].name}.ternary_weight")
+            node.inputs[1] = gs.Constant(name, pack_ternary(self.ternary))
+            _set_input(graph, node, 2, alpha, "alpha")
+            if self.bias in ("own", "new"):
+                _set_input(graph, node, 3, bias, "bias")
+            return
         original = const_value(node.inputs[1])
         if node.op == "Conv":
             stored = weight.T.reshape(original.shape)
@@ -651,39 +716,67 @@ class _Fit:
                 node.attrs["beta"] = 1.0
 
 
-def _fits(graph: gs.Graph, reference: onnx.ModelProto, kept_channels: dict, report: Report) -> list[_Fit]:
-    """Layers whose input channels were pruned (fewer input features than in the reference model)."""
+def _weight_shape(node: gs.Node) -> tuple[int, ...]:
+    """The weight shape in the op's own layout (ternary ops: their weight_shape attribute, rows first)."""
+    if _is_ternary(node):
+        return tuple(int(d) for d in node.attrs["weight_shape"])
+    return tuple(const_value(node.inputs[1]).shape)
+
+
+def _in_out(node: gs.Node) -> tuple[int, int]:
+    """(input features a group, outputs) of a Conv/Gemm/MatMul or ternary op."""
+    shape = _weight_shape(node)
+    if node.op in ("Conv", "TernaryConv", "TernaryGemm", "TernaryMatMul"):
+        return shape[1], shape[0]
+    if node.op == "Gemm" and node.attrs.get("transB", 0):
+        return shape[1], shape[0]
+    return shape[0], shape[-1]
+
+
+def _reference_layer(ref_nodes: dict[str, gs.Node], node: gs.Node) -> gs.Node | None:
+    """The float layer of the reference model that computes `node`'s output (through a MatMul's bias Add)."""
+    ref = ref_nodes.get(node.outputs[0].name)
+    if ref is not None and ref.op == "Add" and node.op == "TernaryMatMul":
+        for tensor in ref.inputs:
+            producer = tensor.inputs[0] if tensor.inputs else None
+            if producer is not None and producer.op == "MatMul" and const_value(input_at(producer, 1)) is not None:
+                return producer
+    return ref
+
+
+def _fits(graph: gs.Graph, reference: onnx.ModelProto, kept_channels: dict, report: Report,
+          all_ternary: bool = True) -> list[_Fit]:
+    """Layers whose input channels were pruned (fewer input features than in the reference model), and, with
+    `all_ternary`, every ternary op."""
     ref_graph = gs.import_onnx(reference)
     ref_nodes = {n.outputs[0].name: n for n in ref_graph.nodes if n.outputs}
     fits = []
     for node in _sorted(graph):
+        ternary = _is_ternary(node)
         if node.op not in CORRECTABLE or not node.inputs or const_value(input_at(node, 1)) is None:
             continue
-        ref = ref_nodes.get(node.outputs[0].name)
-        weight = const_value(node.inputs[1])
-        ref_weight = const_value(input_at(ref, 1)) if ref is not None and len(ref.inputs) > 1 else None
+        if not ternary and not _standard(node):
+            continue
+        ref = _reference_layer(ref_nodes, node)
+        ref_weight = const_value(input_at(ref, 1)) if ref is not None else None
+        usable = ref_weight is not None and ref.op == FLOAT_OF[node.op] and _standard(ref)
         pruned = node.inputs[0].name in kept_channels
-        if node.op in REFIT_OPS and _standard(node) and ref_weight is not None and ref.op == node.op:
-            axis = 1 if node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("transB", 0)) else 0
-            pruned = pruned or weight.shape[axis] < ref_weight.shape[axis]
-        if not pruned:
+        if usable:
+            pruned = pruned or _in_out(node)[0] < _in_out(ref)[0]
+        if not (pruned or (ternary and all_ternary)):
             continue
-        if node.op not in REFIT_OPS or not _standard(node):
-            report.skip(node.name, node.op, "input channels pruned, not reconstructed (only plain Conv/Gemm/MatMul)")
-            continue
-        reason = _refit_blocker(node, ref, weight, ref_weight)
+        why = "ternary op" if ternary and not pruned else "input channels pruned"
+        reason = _refit_blocker(node, ref if usable else None)
         if reason:
-            report.skip(node.name, node.op, f"input channels pruned, not reconstructed: {reason}")
+            report.skip(node.name, node.op, f"{why}, not reconstructed: {reason}")
             continue
         fit = _Fit(node, node.inputs[0].name, node.outputs[0].name, None, "own")
         kept = kept_channels.get(node.outputs[0].name)
-        out_count = weight.shape[0] if node.op == "Conv" or node.attrs.get("transB", 0) else weight.shape[-1]
-        ref_count = ref_weight.shape[0] if node.op == "Conv" or ref.attrs.get("transB", 0) else ref_weight.shape[-1]
         if kept is not None:
             fit.out_kept = np.asarray(kept)
-        if (len(fit.out_kept) if fit.out_kept is not None else ref_count) != out_count:
-            report.skip(node.name, node.op, "input channels pruned, not reconstructed: output channels do not map "
-                        "to the reference")
+        out_count = _in_out(node)[1]
+        if (len(fit.out_kept) if fit.out_kept is not None else _in_out(ref)[1]) != out_count:
+            report.skip(node.name, node.op, f"{why}, not reconstructed: output channels do not map to the reference")
             continue
         out = node.outputs[0]
         if node.op == "MatMul":
@@ -692,24 +785,29 @@ def _fits(graph: gs.Graph, reference: onnx.ModelProto, kept_channels: dict, repo
                 fit.add, fit.add_index = found
             else:
                 fit.bias = "drop" if _feeds_bn(out) else "none"
-        elif len(node.inputs) < 3 or node.inputs[2].name == "":
+        elif input_at(node, 3 if ternary else 2) is None:
             fit.bias = "drop" if _feeds_bn(out) else "new"
         fits.append(fit)
     return fits
 
 
-def _refit_blocker(node: gs.Node, ref: gs.Node | None, weight: np.ndarray, ref_weight: np.ndarray | None) -> str:
-    if ref is None or ref_weight is None or ref.op != node.op:
-        return f"no {node.op} with a constant weight makes tensor '{node.outputs[0].name}' in the original model"
-    if node.op == "Conv":
+def _refit_blocker(node: gs.Node, ref: gs.Node | None) -> str:
+    if ref is None:
+        return (f"no {FLOAT_OF[node.op]} with a constant weight makes tensor '{node.outputs[0].name}' in the "
+                "original model")
+    if node.op in ("Conv", "TernaryConv"):
         if node.attrs.get("group", 1) != 1:
             return "grouped/depthwise Conv"
-        if weight.ndim != 4:
+        if len(_weight_shape(node)) != 4:
             return "only 2-D Conv"
     if node.op == "Gemm" and node.attrs.get("transA", 0):
         return "Gemm with transA"
-    if node.op == "MatMul" and weight.ndim != 2:
+    features = int(np.prod(_weight_shape(node)[1:])) if node.op in ("Conv", "TernaryConv") else _in_out(node)[0]
+    if features > MAX_FEATURES:
+        return f"{features} input features per output (more than {MAX_FEATURES})"
+    if node.op == "MatMul" and const_value(node.inputs[1]).ndim != 2:
         return "MatMul weight is not 2-D"
-    if len(node.inputs) > 2 and node.inputs[2].name and const_value(node.inputs[2]) is None:
+    bias = input_at(node, 3 if _is_ternary(node) else 2)
+    if bias is not None and const_value(bias) is None:
         return "bias is not a constant"
     return ""

@@ -18,6 +18,7 @@ from ocomp.data import dataset_from_arrays
 from ocomp.errors import UsageError
 from ocomp.model import infer_shapes, to_graph
 from ocomp.passes import autoprune
+from ocomp.passes.bnrecal import recalibrate
 from ocomp.passes.autoprune import choose_knee, fit_budget, measure, write_plots
 from ocomp.passes.channels import analyze
 from ocomp.pipeline import run_passes
@@ -60,6 +61,9 @@ def kill_half(model: onnx.ModelProto, conv: str, bn: str) -> onnx.ModelProto:
 def resnet():
     model = kill_half(infer_shapes(zoo.build("resnet")), DEAD, "layer2.1.bn1")
     calib = dataset_from_arrays(model, zoo.random_input(model, batch=32)["input"])
+    # BN statistics of the calibration data, as a trained model has for its own data: bnrecal on the unpruned
+    # model is then a no-op and bnrecal's reconstruction of the dead channels' consumer is exact
+    model = recalibrate(model, calib, bias=False, reconstruct=False)
     return model, calib
 
 
@@ -112,8 +116,13 @@ def test_insensitive_group_gets_the_highest_ratio(auto_run):
     curve = auto[DEAD]["quality"]
     # removing up to 40% (13 of 32 channels) only removes dead ones: exact, quality as unpruned (float32: 1e-6)
     np.testing.assert_allclose(curve[1:3], curve[0], atol=1e-6)
-    others = [entry["chosen"] for gid, entry in auto.items() if gid != DEAD]
-    assert auto[DEAD]["chosen"] > max(others)
+    others = [entry for gid, entry in auto.items() if gid != DEAD]
+    # at every ratio it is the least sensitive group, and no group is pruned more (bnrecal's reconstruction
+    # makes some live groups nearly as insensitive up to 0.4, so a tie at the top is allowed)
+    for i in range(1, len(curve)):
+        assert curve[i] >= max(entry["quality"][i] for entry in others) - 1e-9
+    assert auto[DEAD]["chosen"] >= max(entry["chosen"] for entry in others)
+    assert auto[DEAD]["chosen"] >= 0.4
 
 
 def test_parallel_scan_is_identical_to_serial(resnet, auto_run):

@@ -269,22 +269,82 @@ def test_reconstruct_keeps_outputs_when_the_pruned_inputs_were_dead() -> None:
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-4)
 
 
-def test_reconstruct_skips_grouped_and_ternary_layers() -> None:
-    reference = infer_shapes(zoo.build("resnet", folded=True))
-    data = calibration(reference, n=32)
-    result = run_passes(reference, ["prune", "ternary", "bnrecal"],
-                        {"prune": {"ratio": 0.5}, "bnrecal": {"reconstruct": True}},
+def im2col(x: np.ndarray, weight_shape, strides, pads, dilations) -> np.ndarray:
+    """(positions, C*kh*kw) patches of a 2-D Conv input, rows in (batch, oh, ow) order (independent of bnrecal)."""
+    _, channels, kh, kw = weight_shape
+    top, left, bottom, right = pads
+    x = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right)))
+    span_h, span_w = (kh - 1) * dilations[0] + 1, (kw - 1) * dilations[1] + 1
+    windows = np.lib.stride_tricks.sliding_window_view(x, (span_h, span_w), axis=(2, 3))
+    windows = windows[:, :, ::strides[0], ::strides[1], ::dilations[0], ::dilations[1]]  # b, c, oh, ow, kh, kw
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, channels * kh * kw)
+
+
+def test_reconstruct_solves_ternary_alpha_and_bias_exactly() -> None:
+    """A reconstructed TernaryConv keeps valid 2-bit codes, and for its new T each channel's alpha and bias are
+    the least-squares solution on the calibration data (checked with numpy lstsq on an independent im2col)."""
+    from ocomp.passes.ternary import unpack_ternary
+
+    reference = infer_shapes(zoo.build("plain", folded=True))
+    data = calibration(reference, n=4)  # 4 x 32 x 32 = 4096 positions: no row subsampling
+    feeds = {"input": zoo.random_input(reference, batch=4, seed=1)["input"]}
+    plain = run_passes(reference, ["ternary"], {}, reference=reference).model
+    result = run_passes(reference, ["ternary", "bnrecal"], {"bnrecal": {"bias": False, "reconstruct": True}},
                         calibration=data, reference=reference)
-    skipped = [s for s in result.reports[-1].skipped if "not reconstructed" in str(s)]
-    assert skipped, "ternary layers with pruned inputs are reported, not re-fitted"
-    refitted = set(result.reports[-1].details.get("reconstructed", {}))
-    assert all(n.op_type in ("Conv", "Gemm", "MatMul") for n in result.model.graph.node if n.name in refitted)
+    fitted = result.reports[-1].details.get("reconstructed", {})
+    nodes = [n for n in result.model.graph.node if n.op_type == "TernaryConv"]
+    assert nodes and {n.name for n in nodes} <= set(fitted)
+    inits = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    for node in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        shape = tuple(attrs["weight_shape"])
+        ternary = unpack_ternary(inits[node.input[1]], shape).reshape(shape[0], -1).astype(np.float64)
+        alpha, bias = inits[node.input[2]], inits[node.input[3]]
+        x = exposed_values(result.model, [node.input[0]], feeds)[node.input[0]]
+        y = exposed_values(reference, [node.output[0]], feeds)[node.output[0]].astype(np.float64)
+        cols = im2col(x, shape, attrs["strides"], attrs["pads"], attrs["dilations"])
+        targets = y.transpose(0, 2, 3, 1).reshape(-1, shape[0])
+        for o in range(shape[0]):
+            design = np.stack([cols @ ternary[o], np.ones(len(cols))], axis=1)
+            (a, b), *_ = np.linalg.lstsq(design, targets[:, o], rcond=None)
+            np.testing.assert_allclose([alpha[o], bias[o]], [a, b], rtol=1e-3, atol=1e-5 * np.abs(targets).max())
+        # and the layer is closer to the original than plain ternarization
+        before = exposed_values(plain, [node.output[0]], feeds)[node.output[0]]
+        after = exposed_values(result.model, [node.output[0]], feeds)[node.output[0]]
+        assert np.mean((after - y) ** 2) < np.mean((before - y) ** 2)
+        assert fitted[node.name]["error_after"] < fitted[node.name]["error_before"]
+
+
+def test_reconstruct_skips_grouped_convs_and_reports_big_layers(monkeypatch) -> None:
+    from ocomp.passes import bnrecal
+
     grouped = infer_shapes(zoo.build("mobilenetv2", folded=True))
     result = run_passes(grouped, ["prune", "bnrecal"], {"prune": {"ratio": 0.5}, "bnrecal": {"reconstruct": True}},
                         calibration=calibration(grouped, n=32), reference=grouped)
     depthwise = {n.name for n in result.model.graph.node if n.op_type == "Conv" and any(
         a.name == "group" and a.i > 1 for a in n.attribute)}
-    assert depthwise and not depthwise & set(result.reports[-1].details.get("reconstructed", {}))
+    refitted = set(result.reports[-1].details.get("reconstructed", {}))
+    assert refitted and depthwise and not depthwise & refitted
+    assert any("grouped/depthwise Conv" in str(s) for s in result.reports[-1].skipped)
+    monkeypatch.setattr(bnrecal, "MAX_FEATURES", 2)
+    result = run_passes(grouped, ["prune", "bnrecal"], {"prune": {"ratio": 0.5}, "bnrecal": {"reconstruct": True}},
+                        calibration=calibration(grouped, n=32), reference=grouped)
+    assert not result.reports[-1].details.get("reconstructed")
+    assert any("more than 2" in str(s) for s in result.reports[-1].skipped)
+
+
+def test_reconstruct_off_changes_no_weights() -> None:
+    reference = infer_shapes(zoo.build("resnet", folded=True))
+    data = calibration(reference, n=16)
+    options = {"prune": {"ratio": 0.5}, "bnrecal": {"reconstruct": False, "bias": False}}
+    pruned = run_passes(reference, ["prune"], {"prune": {"ratio": 0.5}}).model
+    result = run_passes(reference, ["prune", "bnrecal"], options, calibration=data, reference=reference)
+    assert not result.reports[-1].details.get("reconstructed")
+    want = {i.name: numpy_helper.to_array(i) for i in pruned.graph.initializer}
+    got = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
 
 
 def test_reconstruct_recovers_pruned_resnet20(shared_dir: Path) -> None:
