@@ -57,10 +57,13 @@ BASE_CONFIGS = [
     ("prune 0.3 (multiple 8) + bnrecal", "ocomp", "prune,bnrecal,foldbn", {"prune": {"ratio": 0.3, "multiple": 8}}),
     ("prune 0.3 (multiple 8) + ternary + bnrecal", "ocomp", "prune,ternary,bnrecal,foldbn",
      {"prune": {"ratio": 0.3, "multiple": 8}}),
-    # bnrecal's mean-only bias correction (match_std off): the int8 recipe, too weak for BN-folded models
-    ("prune 0.3 + bnrecal (mean only)", "ocomp", "prune,bnrecal,foldbn",
-     {"prune": {"ratio": 0.3}, "bnrecal": {"match_std": False}}),
-    ("ternary + bnrecal (mean only)", "ocomp", "ternary,bnrecal,foldbn", {"bnrecal": {"match_std": False}}),
+    ("prune 0.5 + ternary + bnrecal", "ocomp", "prune,ternary,bnrecal,foldbn", {"prune": {"ratio": 0.5}}),
+    # bnrecal without its least-squares reconstruction (statistics only: adaptive BN and bias/std correction)
+    ("prune 0.3 + bnrecal (no reconstruct)", "ocomp", "prune,bnrecal,foldbn",
+     {"prune": {"ratio": 0.3}, "bnrecal": {"reconstruct": False}}),
+    ("ternary + bnrecal (no reconstruct)", "ocomp", "ternary,bnrecal,foldbn", {"bnrecal": {"reconstruct": False}}),
+    ("prune 0.3 + ternary + bnrecal (no reconstruct)", "ocomp", "prune,ternary,bnrecal,foldbn",
+     {"prune": {"ratio": 0.3}, "bnrecal": {"reconstruct": False}}),
 ]
 CALIB_IMAGES = 256  # Fashion-MNIST calibration images (resnet20 and the models without data of their own)
 FIDELITY_IMAGES = 500  # Fashion-MNIST test images made into inputs of the unlabelled models
@@ -469,7 +472,9 @@ def write_markdown(result: dict, path: Path) -> None:
              "- Rows marked `+ bnrecal` run the passes `...,bnrecal,foldbn` (BatchNorm recalibration on the "
              "calibration set, then BN folded into the preceding layers); rows without it run only the listed "
              "passes and keep their BatchNormalization nodes, so part of a latency gap between the two rows is the "
-             "BN fold, not the recalibration.",
+             "BN fold, not the recalibration. bnrecal runs with its defaults: least-squares reconstruction of "
+             "every layer with pruned inputs and of every ternary op against the original model, then BN "
+             "statistics and bias/std correction; `(no reconstruct)` rows turn the reconstruction off.",
              "- ORT int8: `quant_pre_process` (which also folds BN into Conv), then `quantize_static` (QDQ, "
              "per_channel=True, MinMax calibration, int8 weights) on the same calibration subset as bnrecal. Two "
              "rows: U8S8 (uint8 activations, int8 weights: the pairing onnxruntime's x86 int8 kernels are built around) "
