@@ -37,6 +37,8 @@ class ModelStats:
     weight_bytes: int
     file_size: int | None = None
     inputs: dict[str, list] = field(default_factory=dict)
+    # layers whose output shape is unknown even after running the model once: their MACs are not counted
+    unknown_macs: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,10 +70,56 @@ def _is_shape_constant(tensor: onnx.TensorProto) -> bool:
     return tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and len(tensor.dims) <= 1
 
 
+def _known(dims) -> bool:
+    """A shape known apart from its first (batch) axis."""
+    return bool(dims) and all(isinstance(d, int) and d > 0 for d in list(dims)[1:])
+
+
+def _measured_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, list[int]]:
+    """Shapes of `names` from one onnxruntime run at batch 1 on zeros (ocomp custom ops when the runtime is
+    built), for tensors static shape inference cannot size: e.g. a Reshape whose target shape is computed
+    by Shape/Slice/Concat. Empty when an input has unknown non-batch dims or the run fails."""
+    feeds = {}
+    for value in graph_inputs(model):
+        dims = input_dims(value)
+        if not _known(dims):
+            return {}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        feeds[value.name] = np.zeros([1] + [int(d) for d in dims[1:]], dtype=dtype)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in outputs:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    try:
+        try:
+            from ocomp.runtime import session
+
+            runner = session(probe, log_severity_level=3)
+        except (ImportError, OSError):  # runtime library not built: plain onnxruntime (no ternary ops)
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            runner = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        values = runner.run(names, feeds)
+    except Exception:  # noqa: BLE001 - a model ORT cannot run keeps its unknown shapes
+        return {}
+    return {name: [1] + list(value.shape[1:]) for name, value in zip(names, values)}
+
+
 def model_stats(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> ModelStats:
-    """Params, MACs (batch 1) and storage of every weighted layer; the model must have inferred shapes."""
+    """Params, MACs (batch 1) and storage of every weighted layer; the model must have inferred shapes.
+
+    Layer outputs that static shape inference leaves unsized are measured by one onnxruntime run at batch 1
+    (when every input is sized apart from the batch); layers still unsized are listed in `unknown_macs`."""
     shapes = _shapes(model)
     inits = constant_tensors(model)
+    unsized = [n.output[0] for n in model.graph.node if n.op_type in WEIGHTED_OPS and len(n.input) > 1
+               and n.input[1] in inits and not _known(shapes.get(n.output[0], []))]
+    if unsized:
+        shapes.update(_measured_shapes(model, unsized))
     layers: list[LayerStats] = []
     counted: set[str] = set()
     for node in model.graph.node:
@@ -103,8 +151,9 @@ def model_stats(model: onnx.ModelProto, path: str | os.PathLike | None = None) -
     size = os.path.getsize(path) if path is not None and os.path.exists(path) else None
     ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node)
     inputs = {v.name: input_dims(v) for v in graph_inputs(model)}
+    unknown = [la.name for la in layers if not _known(la.output_shape)]
     return ModelStats(dict(sorted(ops.items())), layers, params, sum(la.macs for la in layers), weight_bytes, size,
-                      inputs)
+                      inputs, unknown)
 
 
 def constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

@@ -86,7 +86,14 @@ def render_summary(reports: Sequence[Report], before: ModelStats, after: ModelSt
         rows.append(("file size", human(before.file_size, "B"), human(after.file_size, "B"),
                      ratio(before.file_size, after.file_size)))
     passes = ", ".join(f"{r.pass_name} ({r.seconds:.2f} s)" for r in reports)
-    return f"== summary: {passes}\n" + table(("", "original", "compressed", "ratio"), rows)
+    note = f"\n{unknown_macs_note(before)}" if before.unknown_macs else ""
+    return f"== summary: {passes}\n" + table(("", "original", "compressed", "ratio"), rows) + note
+
+
+def unknown_macs_note(stats: ModelStats) -> str:
+    names = ", ".join(stats.unknown_macs[:3]) + (", ..." if len(stats.unknown_macs) > 3 else "")
+    return (f"note: MACs undercounted for {len(stats.unknown_macs)} layer(s) with unknown output dims ({names}; "
+            "unknown dims counted as 1): fix the input shape with --input-shape NAME=D0,D1,...")
 
 
 def render_stats(stats: ModelStats) -> str:
@@ -97,6 +104,8 @@ def render_stats(stats: ModelStats) -> str:
     lines.append(f"total params {stats.params:,} ({human(stats.params)}), MACs at batch 1 {stats.macs:,} "
                  f"({human(stats.macs)}), weight bytes {stats.weight_bytes:,}"
                  + (f", file size {stats.file_size:,} bytes" if stats.file_size is not None else ""))
+    if stats.unknown_macs:
+        lines.append(unknown_macs_note(stats))
     return "\n".join(lines)
 
 

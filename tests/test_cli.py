@@ -301,3 +301,48 @@ def test_compare_mismatched_models(tmp_path: Path, model_path: Path) -> None:
     result = invoke("compare", model_path, other)
     assert result.exit_code == 1
     assert "cannot be compared" in result.output
+
+
+def test_inspect_measures_shapes_static_inference_cannot_see(tmp_path: Path, shared_dir: Path) -> None:
+    """PP-OCR's classifier reshapes into its MatMul head with a target shape computed at run time, and a
+    compressed model whose value_info another tool stripped has unsized ternary ops: inspect runs the model
+    once at batch 1 to size them, so their MACs are counted."""
+    result = invoke("inspect", shared_dir / "ppocr_mobile_v2_cls.onnx", "--json", "--input-shape", "x=1,3,48,192")
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.output)
+    head = next(la for la in stats["layers"] if la["op"] == "MatMul")
+    assert head["output_shape"] == [1, 2] and head["macs"] == 200 * 2
+    assert stats["unknown_macs"] == []
+
+    model = zoo.build("resnet", folded=True)
+    src, out = tmp_path / "m.onnx", tmp_path / "t.onnx"
+    onnx.save(model, src)
+    assert invoke("compress", src, "-o", out, "--passes", "ternary").exit_code == 0
+    compressed = onnx.load(out)
+    want = json.loads(invoke("inspect", out, "--json").output)
+    ternary_outputs = {o for n in compressed.graph.node if n.domain == "ocomp" for o in n.output}
+    assert ternary_outputs
+    kept = [v for v in compressed.graph.value_info if v.name not in ternary_outputs]
+    del compressed.graph.value_info[:]
+    compressed.graph.value_info.extend(kept)
+    stripped = tmp_path / "stripped.onnx"
+    onnx.save(compressed, stripped)
+    got = json.loads(invoke("inspect", stripped, "--json").output)
+    assert got["unknown_macs"] == [] and got["macs"] == want["macs"] > 0
+    assert [la["macs"] for la in got["layers"]] == [la["macs"] for la in want["layers"]]
+
+
+def test_inspect_says_when_macs_are_a_lower_bound(tmp_path: Path) -> None:
+    model = zoo.build("plain")
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    path = tmp_path / "dynamic.onnx"
+    onnx.save(model, path)
+    result = invoke("inspect", path)
+    assert result.exit_code == 0, result.output
+    assert "MACs undercounted for" in result.output and "--input-shape" in result.output
+    stats = json.loads(invoke("inspect", path, "--json").output)
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    assert set(convs) <= set(stats["unknown_macs"])
+    fixed = json.loads(invoke("inspect", path, "--json", "--input-shape", "input=1,3,32,32").output)
+    assert fixed["unknown_macs"] == [] and fixed["macs"] > stats["macs"]
