@@ -5,7 +5,7 @@
 // at x + offset(r) (+ the tile start), and
 //   partial[o][0..kTile) (+)= sum_{+1 rows} x[off..] - sum_{-1 rows} x[off..].
 // Only adds and subtracts; alpha and bias are applied once per output later.
-// Compiled twice on x86-64 (baseline SSE2 and AVX2+FMA, chosen at run time).
+// Compiled three times on x86-64 (baseline SSE2, AVX2+FMA, AVX-512F; chosen at run time).
 #pragma once
 
 #include <cstdint>
@@ -33,6 +33,9 @@ namespace generic {
 void accumulate(const float* x, const int32_t* offsets, const ListRef* refs, int nk, float* partial, bool first, int npix);
 }
 namespace avx2 {
+void accumulate(const float* x, const int32_t* offsets, const ListRef* refs, int nk, float* partial, bool first, int npix);
+}
+namespace avx512 {
 void accumulate(const float* x, const int32_t* offsets, const ListRef* refs, int nk, float* partial, bool first, int npix);
 }
 

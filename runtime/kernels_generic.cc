@@ -1,5 +1,5 @@
 // Baseline build of the accumulation kernel (SSE2 on x86-64, NEON on aarch64)
-// and the run-time choice between it and the AVX2 build.
+// and the run-time choice between it and the AVX2 / AVX-512 builds.
 #if defined(__aarch64__) || defined(__AVX__)
 #define OCOMP_KERNEL_VECTORS 8  // 32 vector registers (NEON) or ymm (native builds)
 #else
@@ -14,30 +14,36 @@
 namespace ocomp {
 
 namespace {
-bool use_avx2() {
+// The widest build this CPU runs; OCOMP_KERNEL_ISA=generic|avx2 caps it (tests, comparisons).
+AccumulateFn choose() {
 #if defined(OCOMP_HAVE_AVX2_KERNELS) && (defined(__x86_64__) || defined(__i386__))
-  // OCOMP_KERNEL_ISA=generic forces the baseline (tests, comparisons).
   const char* force = std::getenv("OCOMP_KERNEL_ISA");
-  if (force != nullptr && std::strcmp(force, "generic") == 0) return false;
+  if (force != nullptr && std::strcmp(force, "generic") == 0) return &generic::accumulate;
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return &generic::accumulate;
+  if (force != nullptr && std::strcmp(force, "avx2") == 0) return &avx2::accumulate;
+  if (__builtin_cpu_supports("avx512f")) return &avx512::accumulate;
+  return &avx2::accumulate;
 #else
-  return false;
+  return &generic::accumulate;
 #endif
 }
 }  // namespace
 
 AccumulateFn accumulate_kernel() {
-  static const AccumulateFn fn = use_avx2() ? &avx2::accumulate : &generic::accumulate;
+  static const AccumulateFn fn = choose();
   return fn;
 }
 
-const char* accumulate_isa() { return accumulate_kernel() == &generic::accumulate ? "generic" : "avx2"; }
+const char* accumulate_isa() {
+  const AccumulateFn fn = accumulate_kernel();
+  return fn == &generic::accumulate ? "generic" : fn == &avx2::accumulate ? "avx2" : "avx512";
+}
 
 }  // namespace ocomp
 
 #if !defined(OCOMP_HAVE_AVX2_KERNELS)
-// Non-x86 builds: the avx2 entry point exists only to satisfy the declaration.
+// Non-x86 builds: the avx2/avx512 entry points exist only to satisfy the declarations.
 namespace ocomp {
 namespace avx2 {
 void accumulate(const float* x, const int32_t* offsets, const ListRef* refs, int nk, float* partial, bool first,
@@ -45,5 +51,11 @@ void accumulate(const float* x, const int32_t* offsets, const ListRef* refs, int
   generic::accumulate(x, offsets, refs, nk, partial, first, npix);
 }
 }  // namespace avx2
+namespace avx512 {
+void accumulate(const float* x, const int32_t* offsets, const ListRef* refs, int nk, float* partial, bool first,
+                int npix) {
+  generic::accumulate(x, offsets, refs, nk, partial, first, npix);
+}
+}  // namespace avx512
 }  // namespace ocomp
 #endif

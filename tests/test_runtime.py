@@ -386,9 +386,11 @@ def test_process_survives_errors():
     assert os.path.isfile(rt.library_path())
 
 
-def test_baseline_kernel_without_avx2(tmp_path):
-    """The baseline (SSE2/NEON) build of the hot loop, forced with OCOMP_KERNEL_ISA=generic
-    in a fresh process (the choice is made once per process)."""
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_baseline_kernel_without_avx2(tmp_path, isa):
+    """The narrower builds of the hot loop, forced with OCOMP_KERNEL_ISA: generic (SSE2/NEON) and, on
+    AVX-512 machines where the default is the avx512 build, avx2; in a fresh process (the choice is made
+    once per process). Short tiles (widths not a multiple of 16) go through every build's tail path."""
     require_library()
     import sys
     import textwrap
@@ -416,7 +418,7 @@ def test_baseline_kernel_without_avx2(tmp_path):
         print("GENERIC-OK")
         """
     )
-    env = dict(os.environ, OCOMP_KERNEL_ISA="generic", OPENBLAS_NUM_THREADS="1")
+    env = dict(os.environ, OCOMP_KERNEL_ISA=isa, OPENBLAS_NUM_THREADS="1")
     # cwd outside the checkout: `python -c` puts the cwd first on sys.path.
     proc = subprocess.run([sys.executable, "-c", script, str(Path(__file__).resolve().parent)], env=env,
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
