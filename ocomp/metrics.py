@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .model import graph_inputs, input_dims
+from .model import graph_inputs, input_dims, with_outputs
 
 TERNARY_OPS = ("TernaryConv", "TernaryGemm", "TernaryMatMul")
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul") + TERNARY_OPS
@@ -86,12 +86,7 @@ def _measured_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, list
             return {}
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
         feeds[value.name] = np.zeros([1] + [int(d) for d in dims[1:]], dtype=dtype)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    outputs = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in outputs:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    probe = with_outputs(model, names)
     try:
         try:
             from ocomp.runtime import session

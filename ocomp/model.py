@@ -131,6 +131,17 @@ def infer_shapes(model: onnx.ModelProto, what: str = "model") -> onnx.ModelProto
         raise OcompError(f"{what}: shape inference failed: {first}") from None
 
 
+def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the tensors `names` (intermediate values for a probe run)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return probe
+
+
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Real inputs (not initializers listed as inputs, as old exporters do)."""
     inits = {i.name for i in model.graph.initializer}

@@ -32,6 +32,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ocomp.errors import UsageError
+from ocomp.model import with_outputs
 from ocomp.pipeline import Context, Option, Pass, Report, fraction, key_value, register
 
 from . import channels as ch
@@ -377,13 +378,7 @@ def _activation_scores(model: onnx.ModelProto, analysis: ChannelAnalysis, ratios
         for c in group.consumers:
             if c.kind in ch.PRODUCER_KINDS:
                 wanted[c.tensor] = analysis.layouts[c.tensor].axis
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in wanted:
-        if name not in existing:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = session_factory(probe)
+    session = session_factory(with_outputs(model, wanted))
     input_names = {i.name for i in session.get_inputs()}
     names = list(wanted)
     sums = {n: None for n in names}
