@@ -16,7 +16,7 @@ import zoo
 from ocomp.cli import main
 from ocomp.data import dataset_from_arrays
 from ocomp.errors import UsageError
-from ocomp.model import infer_shapes
+from ocomp.model import infer_shapes, with_outputs
 from ocomp.pipeline import run_passes
 from ocomp.runtime import session
 
@@ -29,13 +29,7 @@ def calibration(model: onnx.ModelProto, n: int = 48, seed: int = 1):
 
 def exposed_values(model: onnx.ModelProto, names: list[str], feeds: dict) -> dict[str, np.ndarray]:
     """Run `model` (custom ops allowed) with `names` as extra outputs; an independent path from bnrecal's."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in known:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    outs = session(probe).run(names, feeds)
+    outs = session(with_outputs(model, names)).run(names, feeds)
     return dict(zip(names, outs))
 
 
