@@ -88,16 +88,9 @@ def _measured_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, list
         feeds[value.name] = np.zeros([1] + [int(d) for d in dims[1:]], dtype=dtype)
     probe = with_outputs(model, names)
     try:
-        try:
-            from ocomp.runtime import session
+        from .evaluate import make_session  # (evaluate imports this module)
 
-            runner = session(probe, log_severity_level=3)
-        except (ImportError, OSError):  # runtime library not built: plain onnxruntime (no ternary ops)
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            runner = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        runner = make_session(probe)
         values = runner.run(names, feeds)
     except Exception:  # noqa: BLE001 - a model ORT cannot run keeps its unknown shapes
         return {}

@@ -46,7 +46,7 @@ from ocomp.graph import STANDARD_DOMAINS, const_value, input_at, unique_name
 from ocomp.model import CUSTOM_DOMAIN
 from ocomp.pipeline import Context, Option, Pass, Report, register
 
-from .ternary import TERNARY_OPS, pack_ternary, ternarize_optimal, unpack_ternary
+from .ternary import TERNARY_OPS, _conv_attrs, _Skip, pack_ternary, ternarize_optimal, unpack_ternary
 
 CONV_LIKE = ("Conv", "TernaryConv")
 MEMORY_BUDGET = 256 * 2**20  # bytes of exposed activations a batch
@@ -129,7 +129,7 @@ class BNRecal(Pass):
 
 def recalibrate(model: onnx.ModelProto, calibration: Any, reference: onnx.ModelProto | None = None,
                 kept_channels: dict | None = None, samples: int | None = None, bias: bool = True,
-                match_std: bool = True, reconstruct: bool = False) -> onnx.ModelProto:
+                match_std: bool = True, reconstruct: bool = True) -> onnx.ModelProto:
     """Plain-function form of the pass: returns the recalibrated model (the input is not modified)."""
     from ocomp.model import to_graph, to_model
 
@@ -183,21 +183,26 @@ class _Runner:
     def stats(self, model: onnx.ModelProto, axes: dict[str, int]) -> dict[str, ChannelStats]:
         """Statistics of every tensor in `axes`; tensors are exposed in groups of at most MEMORY_BUDGET bytes
         a batch (one pass over the data a group), so memory stays bounded whatever the model's size."""
-        sizes = _sample_bytes(model)
-        per_batch = getattr(self.data, "batch_size", 32)
         stats: dict[str, ChannelStats] = {}
-        group: list[str] = []
-        used = 0
-        for name in axes:
-            cost = sizes.get(name, 0) * per_batch
-            if group and used + cost > MEMORY_BUDGET:
-                stats.update(self._stats(model, {n: axes[n] for n in group}))
-                group, used = [], 0
-            group.append(name)
-            used += cost
-        if group:
+        for group in self._budget_groups(model, list(axes), lambda name: name):
             stats.update(self._stats(model, {n: axes[n] for n in group}))
         return stats
+
+    def _budget_groups(self, model: onnx.ModelProto, items: list, tensor: Callable[[Any], str]) -> list[list]:
+        """`items` in consecutive groups whose exposed tensors (`tensor(item)`) take at most MEMORY_BUDGET bytes
+        a batch (a single item over the budget makes a group of its own)."""
+        sizes = _sample_bytes(model)
+        per_batch = getattr(self.data, "batch_size", 32)
+        groups: list[list] = []
+        used = 0
+        for item in items:
+            cost = sizes.get(tensor(item), 0) * per_batch
+            if not groups or used + cost > MEMORY_BUDGET:
+                groups.append([])
+                used = 0
+            groups[-1].append(item)
+            used += cost
+        return groups
 
     def _stats(self, model: onnx.ModelProto, axes: dict[str, int]) -> dict[str, ChannelStats]:
         sub = _expose(model, list(axes))
@@ -222,18 +227,7 @@ class _Runner:
                     fits: list["_Fit"], report: Report) -> None:
         """Re-fit `fits` (layers of one wave) on the current model's inputs against the reference outputs.
         Layers are exposed in groups of at most MEMORY_BUDGET bytes a batch, one pass over the data a group."""
-        sizes = _sample_bytes(model)
-        per_batch = getattr(self.data, "batch_size", 32)
-        group: list[_Fit] = []
-        used = 0
-        for fit in fits:
-            cost = sizes.get(fit.x, 0) * per_batch
-            if group and used + cost > MEMORY_BUDGET:
-                self._reconstruct(graph, model, reference, group, report)
-                group, used = [], 0
-            group.append(fit)
-            used += cost
-        if group:
+        for group in self._budget_groups(model, fits, lambda fit: fit.x):
             self._reconstruct(graph, model, reference, group, report)
 
     def _reconstruct(self, graph: gs.Graph, model: onnx.ModelProto, reference: onnx.ModelProto,
@@ -451,7 +445,7 @@ def _correct(graph: gs.Graph, target: _Target, current: ChannelStats, ref_mean: 
                   + ("; std matched" if ref_std is not None else ""))
 
 
-def _bias(node: gs.Node, target: _Target, channels: int) -> tuple[np.ndarray, tuple[gs.Node, int]]:
+def _bias(node: gs.Node, target: "_Target | _Fit", channels: int) -> tuple[np.ndarray, tuple[gs.Node, int]]:
     """The layer's current effective per-channel bias and where it lives (node, input index)."""
     if target.add is not None:
         value = const_value(target.add.inputs[target.add_index])
@@ -556,6 +550,8 @@ class _Fit:
     add: gs.Node | None = None
     add_index: int = 0
     ternary: np.ndarray | None = None  # the new T of a ternary op, (outputs, features)
+    alpha: np.ndarray | None = None  # and its new alpha
+    conv: dict | None = None  # a Conv's explicit kernel_shape, strides, pads (begins + ends), dilations
 
     def rows(self, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """This batch's rows of X (im2col for a Conv) and of Y (output channels mapped to the kept ones)."""
@@ -571,23 +567,11 @@ class _Fit:
 
     def _im2col(self, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
         _, channels, kh, kw = _weight_shape(self.node)
-        b, _, h, w = x.shape
+        b = x.shape[0]
         oh, ow = y.shape[2:]
-        sh, sw = self.node.attrs.get("strides", [1, 1])
-        dh, dw = self.node.attrs.get("dilations", [1, 1])
-        auto_pad = self.node.attrs.get("auto_pad", "NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            pads = []
-            for size, out, k, s, d in ((h, oh, kh, sh, dh), (w, ow, kw, sw, dw)):
-                total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
-                pads.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
-                pads.append(total - pads[-1])
-            top, bottom, left, right = pads
-        elif auto_pad == "VALID":
-            top = bottom = left = right = 0
-        else:
-            top, left, bottom, right = self.node.attrs.get("pads", [0, 0, 0, 0])
+        sh, sw = self.conv["strides"]
+        dh, dw = self.conv["dilations"]
+        top, left, bottom, right = self.conv["pads"]
         padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
         positions = b * oh * ow
         if positions > ROWS_PER_BATCH:  # deterministic subsample: the same rows on every run
@@ -604,28 +588,18 @@ class _Fit:
     def current(self) -> tuple[np.ndarray, np.ndarray]:
         """The layer's effective weights as (features, outputs) and its effective bias."""
         node = self.node
+        outputs = _in_out(node)[1]
+        bias = _bias(node, self, outputs)[0]  # a _Fit has a _Target's add/add_index
         if _is_ternary(node):
             shape = _weight_shape(node)
             rows = unpack_ternary(const_value(node.inputs[1]), shape).reshape(shape[0], -1).astype(np.float64)
             alpha = np.asarray(const_value(node.inputs[2]), np.float64).reshape(-1)
-            weight = (alpha[:, None] * rows).T
-            bias = const_value(input_at(node, 3))
-            bias = np.zeros(shape[0]) if bias is None else np.asarray(bias, np.float64).reshape(-1).copy()
-            return weight, bias
+            return (alpha[:, None] * rows).T, bias
         weight = np.asarray(const_value(node.inputs[1]), np.float64)
-        outputs = weight.shape[0] if node.op == "Conv" or node.attrs.get("transB", 0) else weight.shape[-1]
         if node.op == "Conv":
             weight = weight.reshape(outputs, -1).T
         elif node.op == "Gemm":
             weight = (weight.T if node.attrs.get("transB", 0) else weight) * float(node.attrs.get("alpha", 1.0))
-        bias = np.zeros(outputs)
-        if self.add is not None:
-            bias = np.asarray(const_value(self.add.inputs[self.add_index]), np.float64).reshape(-1)
-        elif self.bias == "own":
-            value = np.asarray(const_value(node.inputs[2]), np.float64)
-            if node.op == "Gemm":
-                value = float(node.attrs.get("beta", 1.0)) * value
-            bias = np.broadcast_to(value.reshape(-1), (outputs,)).copy()
         return weight, bias
 
     def solve(self, graph: gs.Graph, eq: _Equations, report: Report) -> None:
@@ -652,7 +626,6 @@ class _Fit:
         if _is_ternary(node):
             theta = self._ternary_theta(theta[:features], eq, intercept)
         after = eq.error(theta)
-        details = report.details.setdefault("reconstructed", {})
         if after > before + 1e-9:  # (a float fit cannot be worse; an exact fit can round either way)
             report.skip(node.name, node.op, f"not reconstructed: the re-fit would not lower the error "
                         f"({before:.3g} -> {after:.3g})")
@@ -661,7 +634,7 @@ class _Fit:
         self._store(graph, new_weight, new_bias, bias)
         report.change(node.name, node.op, f"{features} in", f"{features} in", 0, 0,
                       note=f"reconstructed on {eq.rows} rows: relative error {before:.3g} -> {after:.3g}")
-        details[node.name] = {"rows": eq.rows, "error_before": before, "error_after": after, "lambda": lam}
+        report.details.setdefault("reconstructed", {})[node.name] = {"rows": eq.rows, "error_before": before, "error_after": after, "lambda": lam}
 
     def _ternary_theta(self, fitted: np.ndarray, eq: _Equations, intercept: bool) -> np.ndarray:
         """Ternarize the float fit (features, outputs), then the exact alpha and bias of each channel for that T."""
@@ -682,19 +655,15 @@ class _Fit:
         else:
             ok = zz > 1e-30
             alpha[ok] = zy[ok] / zz[ok]
-        self.ternary = ternary
+        self.ternary, self.alpha = ternary, alpha
         return np.vstack([t.T * alpha[None, :], bias[None, :]])
 
     def _store(self, graph: gs.Graph, weight: np.ndarray, bias: np.ndarray, old_bias: np.ndarray) -> None:
         node = self.node
         if _is_ternary(node):
-            alpha = np.zeros(len(self.ternary))
-            rows = np.abs(self.ternary).sum(axis=1)
-            nonzero = rows > 0  # alpha_o = W[f, o] / T[o, f] wherever T is nonzero
-            alpha[nonzero] = (weight.T * self.ternary).sum(axis=1)[nonzero] / rows[nonzero]
             name = unique_name(graph, f"{node.name or node.outputs[0].name}.ternary_weight")
             node.inputs[1] = gs.Constant(name, pack_ternary(self.ternary))
-            _set_input(graph, node, 2, alpha, "alpha")
+            _set_input(graph, node, 2, self.alpha, "alpha")
             if self.bias in ("own", "new"):
                 _set_input(graph, node, 3, bias, "bias")
             return
@@ -744,10 +713,9 @@ def _reference_layer(ref_nodes: dict[str, gs.Node], node: gs.Node) -> gs.Node | 
     return ref
 
 
-def _fits(graph: gs.Graph, reference: onnx.ModelProto, kept_channels: dict, report: Report,
-          all_ternary: bool = True) -> list[_Fit]:
-    """Layers whose input channels were pruned (fewer input features than in the reference model), and, with
-    `all_ternary`, every ternary op."""
+def _fits(graph: gs.Graph, reference: onnx.ModelProto, kept_channels: dict, report: Report) -> list[_Fit]:
+    """Layers whose input channels were pruned (fewer input features than in the reference model), and every
+    ternary op."""
     ref_graph = gs.import_onnx(reference)
     ref_nodes = {n.outputs[0].name: n for n in ref_graph.nodes if n.outputs}
     fits = []
@@ -763,7 +731,7 @@ def _fits(graph: gs.Graph, reference: onnx.ModelProto, kept_channels: dict, repo
         pruned = node.inputs[0].name in kept_channels
         if usable:
             pruned = pruned or _in_out(node)[0] < _in_out(ref)[0]
-        if not (pruned or (ternary and all_ternary)):
+        if not (pruned or ternary):
             continue
         why = "ternary op" if ternary and not pruned else "input channels pruned"
         reason = _refit_blocker(node, ref if usable else None)
@@ -771,6 +739,15 @@ def _fits(graph: gs.Graph, reference: onnx.ModelProto, kept_channels: dict, repo
             report.skip(node.name, node.op, f"{why}, not reconstructed: {reason}")
             continue
         fit = _Fit(node, node.inputs[0].name, node.outputs[0].name, None, "own")
+        if node.op == "TernaryConv":  # the ternary pass wrote them explicit
+            fit.conv = {k: [int(v) for v in node.attrs.get(k, default)] for k, default in
+                        (("strides", [1, 1]), ("pads", [0, 0, 0, 0]), ("dilations", [1, 1]))}
+        elif node.op == "Conv":
+            try:
+                fit.conv = _conv_attrs(node, const_value(node.inputs[1]))
+            except _Skip as unsupported:
+                report.skip(node.name, node.op, f"{why}, not reconstructed: {unsupported}")
+                continue
         kept = kept_channels.get(node.outputs[0].name)
         if kept is not None:
             fit.out_kept = np.asarray(kept)
