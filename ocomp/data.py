@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -23,6 +24,10 @@ from .errors import OcompError, UsageError
 from .model import graph_inputs, input_dims
 
 LABEL_KEYS = ("labels", "label")
+# Float data beyond this magnitude is refused like NaN/Inf: no real input is that large, and it turns
+# into Inf/NaN in the float32 sums of a calibration pass.
+ABSURD_MAGNITUDE = 1e30
+_SCAN_ELEMENTS = 1 << 22  # elements per chunk when data is scanned for bad values
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -143,8 +148,14 @@ class _ZipMember(_Rows):
         self._memmap = None
         self._stream = None
         self._position = 0
+        name = info.filename[:-4]
         if dtype.hasobject:
-            raise OcompError(f"{path}: array '{info.filename[:-4]}' holds Python objects; refused")
+            raise OcompError(f"{path}: array '{name}' holds Python objects; refused")
+        claimed = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        stored = info.file_size - self.header_size
+        if stored < claimed:
+            raise OcompError(f"{path}: array '{name}' claims shape {_shape(self.shape)} ({claimed} bytes) but the "
+                             f"member stores only {stored} bytes; the file is truncated or corrupt")
         if info.compress_type == zipfile.ZIP_STORED and not fortran:
             with open(path, "rb") as raw:  # the data starts after the member's local header
                 raw.seek(info.header_offset)
@@ -156,6 +167,14 @@ class _ZipMember(_Rows):
         self._archive = archive
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        try:
+            return self._read_rows(start, stop)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+            raise OcompError(f"{self.path}: array '{self.info.filename[:-4]}' cannot be read "
+                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); the file is "
+                             "corrupt") from None
+
+    def _read_rows(self, start: int, stop: int) -> np.ndarray:
         if self._memmap is not None:
             return np.array(self._memmap[start:stop])
         if self.fortran:  # rare; rows are not contiguous in the file
@@ -245,6 +264,7 @@ class Dataset:
         self.specs = specs
         self.options = options
         self._count = count
+        self._offset = 0  # first sample of this view (window())
 
     def __len__(self) -> int:
         return self._count
@@ -267,6 +287,17 @@ class Dataset:
         subset._count = max(int(limit), 0)
         return subset
 
+    def window(self, start: int, stop: int) -> "Dataset":
+        """Samples start..stop-1 of this data set as a data set (the same order), e.g. a held-back tail."""
+        start, stop = max(int(start), 0), min(int(stop), len(self))
+        if stop <= start:
+            raise ValueError(f"empty window {start}..{stop} of {len(self)} samples")
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view._offset = self._offset + start
+        view._count = stop - start
+        return view
+
     def batches(self, batch_size: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
         """`batch_size` overrides --batch-size, except for inputs with a fixed batch size (always fed that)."""
         fixed = {s.fixed_batch for s in self.specs} - {None}
@@ -275,8 +306,8 @@ class Dataset:
             spec = next(s for s in self.specs if s.fixed_batch)
             raise OcompError(f"{self.source}: input '{spec.name}' has a fixed batch size of {spec.fixed_batch}; "
                              f"{len(self)} samples is not a multiple of it (use --limit)")
-        for start in range(0, len(self), size):
-            yield self._read(start, min(start + size, len(self)))
+        for start in range(self._offset, self._offset + len(self), size):
+            yield self._read(start, min(start + size, self._offset + len(self)))
 
     def labels(self) -> np.ndarray | None:
         """All labels (small: one integer a sample), or None."""
@@ -310,7 +341,9 @@ class ArrayDataset(Dataset):
         return self._labels is not None
 
     def labels(self) -> np.ndarray | None:
-        return None if self._labels is None else _labels(self._labels.read(0, len(self)), self.source)
+        if self._labels is None:
+            return None
+        return _labels(self._labels.read(self._offset, self._offset + len(self)), self.source)
 
     def _read(self, start: int, stop: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         feeds = {s.name: _convert(self.arrays[s.name].read(start, stop), s, self.options) for s in self.specs}
@@ -351,7 +384,7 @@ class ImageFolder(Dataset):
         return self._labels is not None
 
     def labels(self) -> np.ndarray | None:
-        return None if self._labels is None else self._labels[: len(self)]
+        return None if self._labels is None else self._labels[self._offset: self._offset + len(self)]
 
     def _read(self, start: int, stop: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         spec = self.specs[0]
@@ -497,6 +530,27 @@ def _check_array(source: str, spec: InputSpec, rows: _Rows, key: str) -> _Rows:
     return rows
 
 
+def _check_values(source: str, key: str, rows: _Rows, limit: int | None) -> None:
+    """Refuse float data with NaN, Inf or a magnitude above ABSURD_MAGNITUDE (up to `limit` samples), naming
+    the array and the first bad index: such data silently gives a model with NaN weights. Scanned in chunks
+    of rows, so memory stays bounded; uint8 images and integer data cannot hold such values."""
+    if not np.issubdtype(rows.dtype, np.floating):
+        return
+    count = rows.shape[0] if limit is None else min(rows.shape[0], limit)
+    step = max(1, _SCAN_ELEMENTS // max(1, int(np.prod(rows.shape[1:], dtype=np.int64))))
+    for start in range(0, count, step):
+        chunk = rows.read(start, min(start + step, count))
+        with np.errstate(invalid="ignore", over="ignore"):
+            bad = ~np.isfinite(chunk) | (np.abs(chunk) > ABSURD_MAGNITUDE)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            value = chunk[where]
+            index = "(" + ", ".join(str(i) for i in (start + where[0],) + where[1:]) + ")"
+            what = (f"a non-finite value ({value})" if not np.isfinite(value)
+                    else f"an absurdly large value ({float(value):.3g}, above {ABSURD_MAGNITUDE:g} in magnitude)")
+            raise OcompError(f"{source}: array '{key}' has {what} at index {index}; the data must be finite")
+
+
 def _check_labels(source: str, rows: _Rows) -> _Rows:
     if len(rows.shape) != 1 and not (len(rows.shape) == 2 and rows.shape[1] == 1):
         raise OcompError(f"{source}: 'labels' must be one integer a sample, shape (N,); it has {_shape(rows.shape)}")
@@ -517,6 +571,7 @@ def _match(source: str, specs: list[InputSpec], arrays: dict[str, _Rows], option
                              f"{len(data)} candidate arrays ({', '.join(data) or 'none'}); name it '{specs[0].name}'")
         key = next(iter(data))
         matched[specs[0].name] = _check_array(source, specs[0], data[key], key)
+        _check_values(source, key, matched[specs[0].name], options.limit)
     else:
         missing = [n for n in names if n not in data]
         if missing:
@@ -524,6 +579,7 @@ def _match(source: str, specs: list[InputSpec], arrays: dict[str, _Rows], option
                              f"arrays: {', '.join(arrays) or 'none'})")
         for spec in specs:
             matched[spec.name] = _check_array(source, spec, data[spec.name], spec.name)
+            _check_values(source, spec.name, matched[spec.name], options.limit)
     return ArrayDataset(source, specs, matched, labels, options)
 
 

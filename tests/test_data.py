@@ -320,3 +320,90 @@ def test_cli_mismatch_is_one_error_line_and_exit_1(tmp_path: Path, arrays: dict,
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------- bad values and corrupt files (issue 14)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("bad,what", [(np.nan, "a non-finite value (nan)"), (np.inf, "a non-finite value (inf)"),
+                                      (-np.inf, "a non-finite value (-inf)"),
+                                      (1e38, "an absurdly large value (1e+38, above 1e+30 in magnitude)")])
+def test_non_finite_or_absurd_data_is_refused_naming_array_and_index(tmp_path: Path, bad: float, what: str,
+                                                                     compressed: bool) -> None:
+    x = np.random.default_rng(0).standard_normal((9, 1, 6, 6)).astype(np.float32)
+    x[7, 0, 2, 3] = bad
+    (np.savez_compressed if compressed else np.savez)(tmp_path / "d.npz", images=x, labels=np.arange(9))
+    with pytest.raises(OcompError) as info:
+        open_dataset(tmp_path / "d.npz", GRAY)
+    assert str(info.value) == (f"{tmp_path / 'd.npz'}: array 'images' has {what} at index (7, 0, 2, 3); "
+                               "the data must be finite")
+    # up to --limit only: the first 7 samples are clean
+    assert len(open_dataset(tmp_path / "d.npz", GRAY, DataOptions(limit=7))) == 7
+
+
+def test_non_finite_data_in_npy_folder_and_arrays_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i in range(3):
+        sample = np.zeros((1, 6, 6), np.float32)
+        if i == 2:
+            sample[0, 5, 5] = np.nan
+        np.save(folder / f"{i}.npy", sample)
+    with pytest.raises(OcompError, match=r"array 'input' has a non-finite value \(nan\) at index \(2, 0, 5, 5\)"):
+        open_dataset(folder, GRAY)
+    with pytest.raises(OcompError, match=r"array 'input' has a non-finite value \(inf\) at index \(0, 0, 0, 1\)"):
+        values = np.zeros((2, 1, 6, 6))
+        values[0, 0, 0, 1] = np.inf
+        dataset_from_arrays(GRAY, values)
+    # float64 beyond float32's range would become inf after the cast: refused before it
+    with pytest.raises(OcompError, match=r"absurdly large value \(1e\+300"):
+        dataset_from_arrays(GRAY, np.full((2, 1, 6, 6), 1e300))
+    # large but plausible values and uint8 images pass
+    assert len(dataset_from_arrays(GRAY, np.full((2, 1, 6, 6), 1e29, np.float32))) == 2
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_member_claiming_more_rows_than_stored_is_named(tmp_path: Path, compressed: bool) -> None:
+    import io
+    import zipfile
+
+    x = np.ones((4, 1, 6, 6), np.float32)
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, x)
+    data = buffer.getvalue().replace(b"(4, 1, 6, 6)", b"(9, 1, 6, 6)")  # same header length
+    with zipfile.ZipFile(tmp_path / "d.npz", "w", zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED) as z:
+        z.writestr("input.npy", data)
+    with pytest.raises(OcompError) as info:
+        open_dataset(tmp_path / "d.npz", GRAY)
+    assert ("array 'input' claims shape (9, 1, 6, 6) (1296 bytes) but the member stores only 576 bytes; "
+            "the file is truncated or corrupt") in str(info.value)
+
+
+def test_corrupt_compressed_member_is_named(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).integers(0, 255, (40, 1, 6, 6)).astype(np.uint8)
+    np.savez_compressed(tmp_path / "d.npz", input=x)
+    raw = bytearray((tmp_path / "d.npz").read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 8] = b"\xff" * 8
+    (tmp_path / "d.npz").write_bytes(bytes(raw))
+    with pytest.raises(OcompError, match=r"d.npz: (array 'input' cannot be read .*the file is corrupt|"
+                                         r"member 'input.npy' is not a readable array)"):
+        collect(open_dataset(tmp_path / "d.npz", GRAY))
+
+
+def test_window_is_a_slice_in_the_same_order_with_its_labels(tmp_path: Path) -> None:
+    x = np.arange(10 * 36, dtype=np.float32).reshape(10, 1, 6, 6)
+    np.savez_compressed(tmp_path / "d.npz", input=x, labels=np.arange(10) + 100)
+    ds = open_dataset(tmp_path / "d.npz", GRAY, DataOptions(batch_size=3))
+    head, tail = ds.window(0, 8), ds.window(8, 10)
+    assert (len(head), len(tail)) == (8, 2)
+    np.testing.assert_array_equal(np.concatenate([f["input"] for f, _ in head.batches()]), x[:8])
+    feeds, labels = collect(tail)
+    np.testing.assert_array_equal(np.concatenate([f["input"] for f in feeds]), x[8:])
+    np.testing.assert_array_equal(np.concatenate(labels), [108, 109])
+    np.testing.assert_array_equal(tail.labels(), [108, 109])
+    np.testing.assert_array_equal(head.take(2).labels(), [100, 101])
+    np.testing.assert_array_equal(ds.window(3, 9).window(1, 3).labels(), [104, 105])
+    with pytest.raises(ValueError):
+        ds.window(5, 5)
