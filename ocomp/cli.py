@@ -6,17 +6,48 @@ Exit codes: 0 ok, 1 bad input or unsupported model (one line on stderr),
 
 from __future__ import annotations
 
-import functools
+import os
+import signal
 import sys
-import traceback
-from typing import Any, Callable
 
-import click
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
-from . import __version__
-from .errors import OcompError, UsageError
-from .pipeline import Option, registry
-from .report import json_text
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    """Start-up (imports) and shutdown: nothing to clean up, so one line and the conventional exit code."""
+    os.write(2, f"error: {_signal_text(signum)}\n".encode())
+    os._exit(128 + signum)
+
+
+def _signal_text(signum: int) -> str:
+    return "interrupted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}"
+
+
+def _is_program() -> bool:
+    """True when this process is the `ocomp` command (console script or `python -m ocomp`), not a host
+    program (pytest, a notebook) that merely imports the module: only then are signal handlers ours."""
+    main_module = sys.modules.get("__main__")
+    spec = getattr(main_module, "__spec__", None)
+    return (os.path.basename(sys.argv[0] if sys.argv else "") == "ocomp"
+            or getattr(spec, "name", None) == "ocomp.__main__")
+
+
+if _is_program():  # before the slow imports below (onnx, numpy: seconds), so Ctrl-C never shows a traceback
+    for _signum in _SIGNALS:
+        signal.signal(_signum, _exit_on_signal)
+
+import functools  # noqa: E402
+import threading  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import click  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .errors import GuardError, OcompError, OcompWarning, UsageError  # noqa: E402
+from .pipeline import Option, registry  # noqa: E402
+from .report import json_text  # noqa: E402
 
 _DEBUG = {"on": False}
 
@@ -26,13 +57,46 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM/SIGHUP during a command: raised where the process is, so `finally` blocks and the atomic
+    writer's cleanup run (no temp file is left behind), like KeyboardInterrupt for SIGINT."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    text = str(message).splitlines()[0] if str(message) else category.__name__
+    click.echo(f"warning: {text}", err=True)
+
+
 def handle_errors(func: Callable) -> Callable:
-    """One line and an exit code instead of a traceback (unless --debug)."""
+    """One line and an exit code instead of a traceback (unless --debug); warnings as `warning:` lines;
+    SIGINT/SIGTERM/SIGHUP end the command cleanly (exit 130/143/129, temp files removed)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = {signum: signal.getsignal(signum) for signum in _SIGNALS} if in_main else {}
         try:
-            return func(*args, **kwargs)
+            if in_main:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                for signum in _SIGNALS:
+                    if signum != signal.SIGINT:
+                        signal.signal(signum, _raise_terminated)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", OcompWarning)
+                warnings.showwarning = _show_warning
+                return func(*args, **kwargs)
+        except GuardError as exc:
+            if _DEBUG["on"]:
+                traceback.print_exc()
+            _fail(str(exc), 3)
         except UsageError as exc:
             if _DEBUG["on"]:
                 traceback.print_exc()
@@ -43,6 +107,8 @@ def handle_errors(func: Callable) -> Callable:
             _fail(str(exc), 1)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except Terminated as exc:
+            _fail(_signal_text(exc.signum), 128 + exc.signum)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - bugs still get one line; --debug has the traceback
@@ -50,6 +116,9 @@ def handle_errors(func: Callable) -> Callable:
                 traceback.print_exc()
             first = str(exc).splitlines()[0] if str(exc) else ""
             _fail(f"internal error: {type(exc).__name__}: {first} (run with --debug for the traceback)", 1)
+        finally:
+            for signum, handler in previous.items():  # shutdown: back to the one-line handler (or the host's)
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
     return wrapper
 
@@ -62,10 +131,16 @@ class _OptionType(click.ParamType):
         self.name = getattr(option.type, "__name__", "value").upper()
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from .api import negative_value
+
         try:
-            return self.option._one(value)
+            converted = self.option._one(value)
         except (ValueError, TypeError) as exc:
             self.fail(str(exc), param, ctx)
+        problem = negative_value(converted)
+        if problem:
+            self.fail(problem, param, ctx)
+        return converted
 
 
 def pass_options(func: Callable) -> Callable:
@@ -163,30 +238,51 @@ def main(debug: bool) -> None:
               help="Evaluate original and compressed model on this data set and print them side by side.")
 @click.option("--report", type=click.Path(), default=None, help="Write the full report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the summary.")
+@click.option("--min-agreement", type=click.FloatRange(0, 100), default=85.0, show_default=True, metavar="PCT",
+              help="Accuracy guard: least top-1 agreement with the original (classifier outputs) or IoU of the "
+                   "maps thresholded at 0.5 (score maps), in percent.")
+@click.option("--min-cosine", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="Accuracy guard: least cosine similarity to the original of other outputs (boxes, embeddings).")
+@click.option("--max-top1-drop", type=click.FloatRange(0, 100), default=5.0, show_default=True, metavar="PT",
+              help="Accuracy guard: largest top-1 accuracy drop in points (with labels).")
+@click.option("--force", is_flag=True, help="Write the output even when the accuracy guard fails.")
+@click.option("--latency/--no-latency", default=True, show_default=True,
+              help="Time the original and the compressed model (batch 1, median of 5 runs) on this machine.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads for the latency measurement (default: onnxruntime's, all cores).")
 @input_shape_option
 @data_options
 @pass_options
 @debug_option
 @handle_errors
 def compress(model: str, output: str, passes: str | None, recipe: str | None, calib: str | None,
-             eval_data: str | None, report: str | None, quiet: bool, input_shape: tuple[str, ...],
+             eval_data: str | None, report: str | None, quiet: bool, min_agreement: float, min_cosine: float,
+             max_top1_drop: float, force: bool, latency: bool, threads: int | None, input_shape: tuple[str, ...],
              **kwargs: Any) -> None:
-    """Compress MODEL with the given passes and write it to OUTPUT."""
+    """Compress MODEL with the given passes and write it to OUTPUT.
+
+    With --eval (or --calib alone: its last 20%, at most 256 samples, held back from the passes) the
+    compressed model's fidelity to the original is checked before anything is written; below the
+    thresholds the command exits with 3 and writes nothing, unless --force."""
     from . import api
+    from .guard import GuardOptions
     from .report import render_report, render_summary
 
     options = collect_pass_options(kwargs)
     data_opts = make_data_options(kwargs, needed=calib is not None or eval_data is not None)
     if not passes and not recipe:
         raise UsageError(f"give --passes or --recipe; valid passes: {', '.join(sorted(registry()))}")
+    guard = GuardOptions(min_agreement=min_agreement / 100, min_cosine=min_cosine,
+                         max_top1_drop=max_top1_drop / 100, force=force)
     result = api.compress(model, output, passes, options, calib=calib, recipe=recipe, report=report,
                           eval_data=eval_data, input_shapes=api.parse_input_shapes(input_shape),
-                          data_options=data_opts, progress=not quiet and sys.stderr.isatty())
+                          data_options=data_opts, progress=not quiet and sys.stderr.isatty(), guard=guard,
+                          latency=latency, threads=threads)
     if not quiet:
         for rep in result.reports:
             click.echo(render_report(rep))
             click.echo()
-    click.echo(render_summary(result.reports, result.before, result.after))
+    click.echo(render_summary(result.reports, result.before, result.after, result.latency, result.guard))
     if result.evaluation is not None:
         from .evaluate import render_evaluation
 

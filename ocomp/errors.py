@@ -13,3 +13,11 @@ class UsageError(OcompError):
 
 class PassError(OcompError):
     """A pass broke a postcondition; the message names the pass and the ones that ran before it."""
+
+
+class GuardError(OcompError):
+    """The compressed model failed the accuracy guard (ocomp.guard); nothing was written. The CLI exits with 3."""
+
+
+class OcompWarning(UserWarning):
+    """Something the user should know that does not stop the run; the CLI prints it as one `warning:` line."""

@@ -8,6 +8,7 @@ atomic writes. The input file is only ever read.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -21,7 +22,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, numpy_helper
 
 from . import __version__
-from .errors import OcompError
+from .errors import OcompError, UsageError
 
 CUSTOM_DOMAIN = "ocomp"
 CUSTOM_OPSET_VERSION = 1
@@ -30,14 +31,17 @@ _STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 def load_model(path: str | os.PathLike, input_shapes: Mapping[str, Sequence[int]] | None = None,
-               require_static: bool = True) -> onnx.ModelProto:
+               require_static: bool = True, external_files: list[Path] | None = None) -> onnx.ModelProto:
     """Read, check and shape-infer a model file; raise OcompError with one clear line on bad input.
 
     `input_shapes` fixes unknown input dimensions (name -> full shape). With
     `require_static`, every input dimension but the first (the batch) must be known.
+    `external_files`, when given, receives the external data files the model was read from.
     """
     model = _parse(Path(path))
-    _load_external_data(model, Path(path))
+    files = _load_external_data(model, Path(path))
+    if external_files is not None:
+        external_files.extend(files)
     if input_shapes:
         set_input_shapes(model, input_shapes)
     check_model(model, str(path))
@@ -46,12 +50,29 @@ def load_model(path: str | os.PathLike, input_shapes: Mapping[str, Sequence[int]
     return infer_shapes(model, str(path))
 
 
+def path_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be opened for reading ("no such file", "symlink loop", ...), or None."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop (too many levels of symbolic links)"
+        if exc.errno == errno.ENOENT:
+            return "no such file" + (" (a broken symbolic link)" if os.path.islink(path) else "")
+        return exc.strerror or type(exc).__name__
+    return None
+
+
 def _parse(path: Path) -> onnx.ModelProto:
-    if not path.exists():
-        raise OcompError(f"{path}: no such file")
+    problem = path_problem(path)
+    if problem:
+        raise OcompError(f"{path}: {problem}")
     if not path.is_file():
         raise OcompError(f"{path}: not a file")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise OcompError(f"{path}: cannot read the model ({exc.strerror or exc})") from None
     if not data:
         raise OcompError(f"{path}: empty file")
     model = onnx.ModelProto()
@@ -72,9 +93,11 @@ def _external_tensors(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
             if t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL)
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    base = path.resolve().parent
+def _load_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Read every tensor's external data into the model; the files read, resolved."""
+    base = resolve_path(path).parent
     tensors = list(_external_tensors(model))
+    files: list[Path] = []
     for tensor in tensors:
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
@@ -82,20 +105,31 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         if not location or rel.is_absolute() or ".." in rel.parts:
             raise OcompError(f"{path}: tensor '{tensor.name}' has external data at '{location}', "
                              "outside the model's folder; refused")
-        target = (base / rel).resolve()
+        problem = path_problem(base / rel)
+        if problem and "loop" in problem:
+            raise OcompError(f"{path}: external data file '{location}' of tensor '{tensor.name}': {problem}")
+        target = resolve_path(base / rel)
         if base not in target.parents:
             raise OcompError(f"{path}: tensor '{tensor.name}' has external data at '{location}', "
                              "which resolves outside the model's folder; refused")
         if not target.is_file():
             raise OcompError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
-        needed = int(info.get("offset", 0)) + int(info.get("length", 0))
-        if target.stat().st_size < needed:
+        numbers = {}
+        for key in ("offset", "length"):
+            text = info.get(key, "0")
+            if not text.isdigit():  # digits only: no sign, no spaces, no "abc"
+                raise OcompError(f"{path}: tensor '{tensor.name}' has external data {key} '{text}', "
+                                 "not a non-negative integer")
+            numbers[key] = int(text)
+        if target.stat().st_size < numbers["offset"] + numbers["length"]:
             raise OcompError(f"{path}: external data file '{location}' is too short for tensor '{tensor.name}'")
+        files.append(target)
     if tensors:
         try:
             external_data_helper.load_external_data_for_model(model, str(base))
         except (OSError, ValueError) as exc:
             raise OcompError(f"{path}: cannot read external data: {exc}") from None
+    return sorted(set(files))
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -177,7 +211,7 @@ def set_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int |
     inputs = {v.name: v for v in graph_inputs(model)}
     for name, shape in shapes.items():
         if name not in inputs:
-            raise OcompError(f"--input-shape: the model has no input '{name}' (inputs: {', '.join(inputs)})")
+            raise UsageError(f"--input-shape: the model has no input '{name}' (inputs: {', '.join(inputs)})")
         dims = inputs[name].type.tensor_type.shape
         dims.ClearField("dim")
         for size in shape:
@@ -188,22 +222,93 @@ def set_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int |
     del model.graph.value_info[:]
 
 
+def resolve_path(path: str | os.PathLike) -> Path:
+    """`path` made absolute with symlinks resolved; a symlink loop is a one-line OcompError."""
+    try:
+        return Path(path).resolve()
+    except RuntimeError:  # Python < 3.13 on a symlink loop
+        raise OcompError(f"{path}: symlink loop (too many levels of symbolic links)") from None
+    except OSError as exc:
+        raise OcompError(f"{path}: cannot resolve the path ({exc.strerror or exc})") from None
+
+
+def _same(a: Path, b: Path) -> bool:
+    if resolve_path(a) == resolve_path(b):
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_run_paths(inputs: Sequence[tuple[str, str | os.PathLike]],
+                    outputs: Sequence[tuple[str, str | os.PathLike]]) -> None:
+    """Before any work: no output may name an input of the run (the model, its external data, data
+    sets, the recipe), lie inside an input data folder, or name another output; every output must be
+    writable (its folder exists and a file can be created in it). `inputs`/`outputs` are (what, path)."""
+    for i, (what, out) in enumerate(outputs):
+        dst = Path(out)
+        if dst.is_dir():
+            raise OcompError(f"{dst}: {what} names a directory")
+        for source_what, source in inputs:
+            src = Path(source)
+            if _same(src, dst):
+                raise OcompError(f"{dst}: {what} names {source_what}; refused (a run never overwrites its inputs)")
+            if src.is_dir() and resolve_path(src) in resolve_path(dst).parents:
+                raise OcompError(f"{dst}: {what} lies inside {source_what} folder; refused (a run never "
+                                 "changes its inputs)")
+        for other_what, other in outputs[:i]:
+            if _same(Path(other), dst):
+                raise OcompError(f"{dst}: {what} names the same file as {other_what}")
+        check_writable(dst, what)
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> None:
+    """The output's folder exists and a file can be created in it (tried, not guessed: root and
+    read-only file systems make permission bits unreliable)."""
+    path = Path(path)
+    parent = resolve_path(path).parent
+    if not parent.is_dir():
+        raise OcompError(f"{path}: {what} directory '{path.parent}' does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as exc:
+        raise OcompError(f"{path}: cannot write {what} into '{path.parent}' ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathLike) -> None:
-    src, dst = Path(input_path), Path(output_path)
-    if dst.exists() and dst.is_dir():
-        raise OcompError(f"{dst}: output path is a directory")
-    if src.resolve() == dst.resolve() or (dst.exists() and src.exists() and os.path.samefile(src, dst)):
-        raise OcompError(f"{dst}: output path is the input path; the input is never overwritten")
-    if not dst.parent.resolve().is_dir():
-        raise OcompError(f"{dst}: output directory '{dst.parent}' does not exist")
+    """The output is not the input, and it can be written."""
+    check_run_paths([("the input model", input_path)], [("the output path", output_path)])
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as status:  # reading it does not change the process's umask
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to a temp file beside `path`, then rename it over `path`."""
+    """Write bytes to a temp file beside `path`, then rename it over `path`. The file gets the mode an
+    ordinary write would give it: an existing target keeps its mode, a new one gets 0666 minus the umask.
+    The temp file is removed on any exception (the CLI turns SIGTERM/SIGHUP/SIGINT into exceptions)."""
     path = Path(path)
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

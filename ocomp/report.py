@@ -77,7 +77,9 @@ def render_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-def render_summary(reports: Sequence[Report], before: ModelStats, after: ModelStats) -> str:
+def render_summary(reports: Sequence[Report], before: ModelStats, after: ModelStats,
+                   latency: dict[str, Any] | None = None, guard: dict[str, Any] | None = None) -> str:
+    """Params, MACs, weight bytes, file size and (measured) latency, original vs compressed; the guard's verdict."""
     rows = [("params", human(before.params), human(after.params), ratio(before.params, after.params)),
             ("MACs (batch 1)", human(before.macs), human(after.macs), ratio(before.macs, after.macs)),
             ("weight bytes", human(before.weight_bytes, "B"), human(after.weight_bytes, "B"),
@@ -85,9 +87,43 @@ def render_summary(reports: Sequence[Report], before: ModelStats, after: ModelSt
     if before.file_size and after.file_size:
         rows.append(("file size", human(before.file_size, "B"), human(after.file_size, "B"),
                      ratio(before.file_size, after.file_size)))
+    notes = []
+    if latency is not None and "original" in latency and "compressed" in latency:
+        threads = latency.get("threads")
+        rows.append((f"latency (batch {latency.get('batch', 1)}, {threads or 'default'} thread"
+                     f"{'' if threads == 1 else 's'})*", f"{1000 * latency['original']:#.3g} ms",
+                     f"{1000 * latency['compressed']:#.3g} ms",
+                     f"{latency['original'] / latency['compressed']:.2f}x" if latency["compressed"] > 0 else "-"))
+        runs = min(latency.get("original_runs", 0), latency.get("compressed_runs", 0))
+        notes.append(f"* measured on this machine: median of at least {runs} runs on random inputs after a "
+                     "warm-up (--no-latency skips it)")
+    elif latency is not None and "skipped" in latency:
+        notes.append(f"latency not measured: {latency['skipped']}")
+    if guard is not None:
+        if guard.get("passed"):
+            notes.append(f"accuracy guard: passed on {guard['data']} ({_guard_figures(guard)})")
+        elif guard.get("message"):
+            notes.append(f"accuracy guard: FAILED on {guard['data']}, written anyway (--force): "
+                         + "; ".join(guard.get("failures", [])))
     passes = ", ".join(f"{r.pass_name} ({r.seconds:.2f} s)" for r in reports)
-    note = f"\n{unknown_macs_note(before)}" if before.unknown_macs else ""
+    if before.unknown_macs:
+        notes.append(unknown_macs_note(before))
+    note = "".join(f"\n{n}" for n in notes)
     return f"== summary: {passes}\n" + table(("", "original", "compressed", "ratio"), rows) + note
+
+
+def _guard_figures(guard: dict[str, Any]) -> str:
+    parts = []
+    for name, m in guard.get("outputs", {}).items():
+        if "agreement" in m:
+            parts.append(f"'{name}' top-1 agreement {100 * m['agreement']:.1f}%")
+        elif "map_iou" in m:
+            parts.append(f"'{name}' map IoU {100 * m['map_iou']:.1f}%")
+        else:
+            parts.append(f"'{name}' cosine {m['cosine']:.4f}")
+    if "top1" in guard:
+        parts.append(f"top-1 {100 * guard['top1']['original']:.1f}% -> {100 * guard['top1']['compressed']:.1f}%")
+    return ", ".join(parts)
 
 
 def unknown_macs_note(stats: ModelStats) -> str:

@@ -173,7 +173,7 @@ def test_external_data_symlink_outside_refused(tmp_path: Path) -> None:
 def test_output_equal_to_input(model_path: Path) -> None:
     before = model_path.read_bytes()
     result = invoke("compress", model_path, "-o", model_path, "--passes", "ternary")
-    assert_one_line_error(result, 1, "output path is the input path")
+    assert_one_line_error(result, 1, "the output (-o) names the input model", "refused")
     assert model_path.read_bytes() == before
 
 

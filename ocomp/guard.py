@@ -1,0 +1,186 @@
+"""The accuracy guard of `compress`: the compressed model's fidelity to the original, measured before
+anything is written, against thresholds; a result below them is refused (GuardError) unless forced.
+
+Fidelity is measured on every output, streamed batch by batch (float64 sums, no outputs kept):
+- classifier outputs (N, C) with C > 1: top-1 agreement with the original (and, with labels, the top-1
+  accuracy of both models on the first output);
+- score maps (any other output whose original values all lie in [0, 1], e.g. a detection heat map):
+  IoU of the maps thresholded at 0.5, besides cosine and SNR;
+- everything else (boxes, embeddings, feature maps): cosine similarity and SNR in dB.
+The data is --eval when given, else a held-back tail of --calib (see `hold_back`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+
+from .errors import GuardError, OcompError  # noqa: F401 - GuardError is raised by ocomp.api
+
+MAP_THRESHOLD = 0.5
+HOLD_BACK_FRACTION = 0.2
+HOLD_BACK_MAX = 256
+HOLD_BACK_MIN_SET = 50  # smaller calibration sets are not split: the guard measures on the set itself
+
+
+@dataclass(frozen=True)
+class GuardOptions:
+    """Thresholds: top-1 agreement (classifier outputs) or thresholded-map IoU (score maps) at least
+    `min_agreement`; cosine at least `min_cosine` for other outputs; with labels, a top-1 accuracy drop of
+    at most `max_top1_drop` (a fraction: 0.05 is 5 points). `force` writes a failing model anyway."""
+
+    min_agreement: float = 0.85
+    min_cosine: float = 0.95
+    max_top1_drop: float = 0.05
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("min_agreement", "min_cosine", "max_top1_drop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def hold_back(dataset) -> tuple[Any, Any, str]:
+    """(data for the passes, data for the guard, description of the guard data) from --calib alone.
+
+    The last 20% of the calibration set, at most 256 samples, is held back from the passes; a set of
+    fewer than 50 samples is not split (the guard then measures on the data the passes saw, and says so).
+    With a fixed batch size the held-back part is a multiple of it."""
+    total = len(dataset)
+    held = min(HOLD_BACK_MAX, int(total * HOLD_BACK_FRACTION))
+    fixed = {s.fixed_batch for s in getattr(dataset, "specs", [])} - {None}
+    if fixed:
+        step = fixed.pop()
+        held -= held % step
+    if total < HOLD_BACK_MIN_SET or held <= 0 or held >= total:
+        return dataset, dataset, f"{total} calibration samples (the set is too small to hold any back)"
+    return (dataset.window(0, total - held), dataset.window(total - held, total),
+            f"{held} held-back calibration samples")
+
+
+class _Output:
+    def __init__(self) -> None:
+        self.dot = self.norm_a = self.norm_b = self.noise = 0.0
+        self.agree = self.rows = 0
+        self.low, self.high = math.inf, -math.inf
+        self.intersection = self.union = 0
+        self.classifier = False
+        self.finite = True
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        if a.shape != b.shape:
+            raise OcompError(f"the compressed model's output has shape {b.shape}, the original's {a.shape}")
+        fa, fb = a.astype(np.float64).reshape(-1), b.astype(np.float64).reshape(-1)
+        if not (np.isfinite(fb).all() and np.isfinite(fa).all()):
+            self.finite = False
+            return
+        self.dot += float(fa @ fb)
+        self.norm_a += float(fa @ fa)
+        self.norm_b += float(fb @ fb)
+        self.noise += float((fa - fb) @ (fa - fb))
+        if a.ndim == 2 and a.shape[1] > 1:
+            self.classifier = True
+            self.agree += int(np.sum(a.argmax(1) == b.argmax(1)))
+            self.rows += a.shape[0]
+        elif fa.size:
+            self.low, self.high = min(self.low, float(fa.min())), max(self.high, float(fa.max()))
+            pa, pb = fa >= MAP_THRESHOLD, fb >= MAP_THRESHOLD
+            self.intersection += int(np.sum(pa & pb))
+            self.union += int(np.sum(pa | pb))
+
+    def result(self) -> dict[str, float]:
+        if not self.finite:
+            return {"cosine": float("nan"), "snr_db": float("nan"), "non_finite": True}
+        denom = math.sqrt(self.norm_a * self.norm_b)
+        out = {"cosine": self.dot / denom if denom > 0 else float(self.norm_a == self.norm_b),
+               "snr_db": 10 * math.log10(self.norm_a / self.noise) if self.noise > 0 else float("inf")}
+        if self.classifier:
+            out["agreement"] = self.agree / self.rows if self.rows else 1.0
+        elif 0.0 <= self.low and self.high <= 1.0:
+            out["map_iou"] = self.intersection / self.union if self.union else 1.0
+        return out
+
+
+def measure(original: onnx.ModelProto, compressed: onnx.ModelProto, dataset, progress: bool = False) -> dict:
+    """{"samples", "outputs": {name: {"cosine", "snr_db", "agreement" | "map_iou"}}, and with labels
+    "top1": {"original", "compressed"} for the first output}."""
+    from .evaluate import make_session
+
+    names = [o.name for o in original.graph.output]
+    if [o.name for o in compressed.graph.output] != names:
+        raise OcompError("the compressed model's outputs differ from the original's; cannot measure fidelity")
+    sessions = make_session(original), make_session(compressed)
+    outputs = {name: _Output() for name in names}
+    correct = [0, 0]
+    samples = 0
+    labelled = dataset.has_labels
+    batches = dataset.batches()
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, total=-(-len(dataset) // dataset.batch_size), desc="accuracy guard", unit="batch",
+                       leave=False)
+    for feeds, labels in batches:
+        a, b = sessions[0].run(names, feeds), sessions[1].run(names, feeds)
+        samples += len(next(iter(feeds.values())))
+        for name, ya, yb in zip(names, a, b):
+            outputs[name].add(ya, yb)
+        if labelled and labels is not None and a[0].ndim == 2 and a[0].shape[1] > 1:
+            correct[0] += int(np.sum(a[0].argmax(1) == labels))
+            correct[1] += int(np.sum(b[0].argmax(1) == labels))
+    result: dict[str, Any] = {"samples": samples, "outputs": {n: o.result() for n, o in outputs.items()}}
+    if labelled and outputs[names[0]].classifier and samples:
+        result["top1"] = {"original": correct[0] / samples, "compressed": correct[1] / samples}
+    return result
+
+
+def failures(figures: dict, options: GuardOptions) -> list[str]:
+    """What falls below the thresholds, one short phrase each (empty: the guard passes)."""
+    found = []
+    for name, m in figures["outputs"].items():
+        if m.get("non_finite"):
+            found.append(f"output '{name}' has NaN/Inf values")
+        elif "agreement" in m and m["agreement"] < options.min_agreement:
+            found.append(f"output '{name}' top-1 agreement {100 * m['agreement']:.1f}% < "
+                         f"{100 * options.min_agreement:g}% (--min-agreement)")
+        elif "map_iou" in m and m["map_iou"] < options.min_agreement:
+            found.append(f"output '{name}' thresholded-map IoU {100 * m['map_iou']:.1f}% < "
+                         f"{100 * options.min_agreement:g}% (--min-agreement)")
+        elif "agreement" not in m and "map_iou" not in m and not m["cosine"] >= options.min_cosine:
+            found.append(f"output '{name}' cosine {m['cosine']:.4f} < {options.min_cosine:g} (--min-cosine)")
+    top1 = figures.get("top1")
+    if top1 is not None and top1["original"] - top1["compressed"] > options.max_top1_drop + 1e-12:
+        found.append(f"top-1 accuracy {100 * top1['original']:.1f}% -> {100 * top1['compressed']:.1f}% "
+                     f"(-{100 * (top1['original'] - top1['compressed']):.1f} pt > "
+                     f"{100 * options.max_top1_drop:g} pt, --max-top1-drop)")
+    return found
+
+
+def headline(figures: dict) -> str:
+    """The first output's main figure, e.g. "agreement 95.2%" (for the per-pass breakdown)."""
+    name, m = next(iter(figures["outputs"].items()))
+    if m.get("non_finite"):
+        return "NaN/Inf"
+    parts = []
+    if "agreement" in m:
+        parts.append(f"agreement {100 * m['agreement']:.1f}%")
+    elif "map_iou" in m:
+        parts.append(f"map IoU {100 * m['map_iou']:.1f}%")
+    else:
+        parts.append(f"cosine {m['cosine']:.4f}")
+    if "top1" in figures:
+        parts.append(f"top-1 {100 * figures['top1']['compressed']:.1f}%")
+    return ", ".join(parts)
+
+
+def message(found: Sequence[str], where: str, passes: Sequence[str], per_pass: Sequence[str] = (),
+            forced: bool = False) -> str:
+    """One line: what was lost, on which data, after which passes, and what happens now."""
+    after = ", ".join(per_pass) if per_pass else ",".join(passes)
+    tail = "written anyway (--force)" if forced else "nothing written (use --force to write anyway)"
+    return f"accuracy guard: {'; '.join(found)} on {where} after {after}; {tail}"

@@ -1,0 +1,184 @@
+"""Checks of ocomp's custom nodes (domain `ocomp`): the same checks the runtime makes when it creates a
+kernel (runtime/ternary_conv.cc, runtime/ternary_gemm.cc, runtime/common.cc), made in Python before a
+model is inspected, run or compressed, so a malformed node is one clear error line instead of nonsense
+figures or an onnxruntime error. The op signatures are in README.md, "Op signatures".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, numpy_helper
+
+from .errors import OcompError
+from .model import CUSTOM_DOMAIN
+
+TERNARY_OPS = ("TernaryConv", "TernaryGemm", "TernaryMatMul")
+MAX_WEIGHT_DIM = 1 << 24  # weight_shape values, as in the runtime
+MAX_ATTR = 1 << 16  # kernel, stride, dilation and pad values, as in the runtime
+_INT32_MAX = 2**31 - 1
+_CODE_INVALID = 0b11
+
+
+def check_custom_nodes(model: onnx.ModelProto, what: str = "model") -> None:
+    """Raise OcompError naming the model, the node and the problem for the first malformed ocomp node."""
+    constants = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == AttributeProto.TENSOR:
+                    constants[node.output[0]] = attr.t
+    shapes = _known_shapes(model)
+    for index, node in enumerate(model.graph.node):
+        if node.domain != CUSTOM_DOMAIN:
+            continue
+        where = f"{what}: node '{node.name or node.output[0] if node.output else index}' ({node.op_type})"
+        try:
+            _check_node(node, constants, shapes)
+        except _Bad as exc:
+            raise OcompError(f"{where}: {exc}") from None
+
+
+class _Bad(Exception):
+    pass
+
+
+def _check_node(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], shapes: dict[str, list]) -> None:
+    if node.op_type not in TERNARY_OPS:
+        raise _Bad(f"unknown op in domain '{CUSTOM_DOMAIN}' (known: {', '.join(TERNARY_OPS)})")
+    if not 3 <= len(node.input) <= 4 or any(not name for name in node.input[:3]):
+        raise _Bad(f"expects inputs X, packed, alpha and an optional bias, has {len(node.input)} input(s)")
+    if len(node.output) != 1:
+        raise _Bad(f"has {len(node.output)} outputs, expects 1")
+    attrs = {a.name: a for a in node.attribute}
+    conv = node.op_type == "TernaryConv"
+    rank = 4 if conv else 2
+    layout = "(K, C/group, kH, kW)" if conv else "(N, Kin)"
+    if "weight_shape" not in attrs:
+        raise _Bad(f"attribute weight_shape {layout} is required")
+    weight_shape = _ints(attrs["weight_shape"], "weight_shape")
+    if len(weight_shape) != rank:
+        raise _Bad(f"weight_shape must have {rank} values {layout}, got {_text(weight_shape)}")
+    if any(not 1 <= v <= MAX_WEIGHT_DIM for v in weight_shape):
+        raise _Bad(f"weight_shape values must be in [1, 2^24], got {_text(weight_shape)}")
+    outputs = weight_shape[0]
+    rows = int(np.prod(weight_shape[1:], dtype=np.int64))
+    if rows > _INT32_MAX:
+        raise _Bad(f"weight_shape {_text(weight_shape)} is too large")
+    if conv:
+        _check_conv_attrs(attrs, weight_shape)
+    elif set(attrs) - {"weight_shape"}:
+        raise _Bad(f"unknown attribute(s) {', '.join(sorted(set(attrs) - {'weight_shape'}))}")
+    count = outputs * rows
+    packed = constants.get(node.input[1])
+    if packed is not None:
+        if packed.data_type != onnx.TensorProto.UINT8:
+            raise _Bad(f"packed weights must be uint8, got {onnx.TensorProto.DataType.Name(packed.data_type)}")
+        codes = _array(packed, "packed weights").reshape(-1)
+        if codes.size != (count + 3) // 4:
+            raise _Bad(f"packed weights have {codes.size} bytes, expected {(count + 3) // 4} "
+                       f"(ceil({count} weights / 4)) for weight_shape {_text(weight_shape)}")
+        pairs = np.stack([(codes >> shift) & 0b11 for shift in (0, 2, 4, 6)], axis=1).reshape(-1)
+        bad = np.flatnonzero(pairs == _CODE_INVALID)
+        if bad.size:
+            where = (f"at weight index {int(bad[0])} (byte {int(bad[0]) // 4})" if bad[0] < count
+                     else "in the padding of the last packed byte")
+            raise _Bad(f"invalid 2-bit code 0b11 in packed weights {where}")
+    for slot, name in ((2, "alpha"), (3, "bias")):
+        if slot >= len(node.input) or not node.input[slot] or node.input[slot] not in constants:
+            continue
+        tensor = constants[node.input[slot]]
+        if tensor.data_type != onnx.TensorProto.FLOAT:
+            raise _Bad(f"{name} must be float32, got {onnx.TensorProto.DataType.Name(tensor.data_type)}")
+        if list(tensor.dims) != [outputs]:
+            raise _Bad(f"{name} must have shape [{outputs}], got {_text(list(tensor.dims))}")
+        _array(tensor, name)
+    x_shape = shapes.get(node.input[0])
+    if x_shape is not None:
+        if conv and len(x_shape) != 4:
+            raise _Bad(f"X must be 4-D [N,C,H,W], got shape {_text(x_shape)}")
+        if node.op_type == "TernaryGemm" and len(x_shape) != 2:
+            raise _Bad(f"X must be 2-D [M, Kin], got shape {_text(x_shape)}")
+        if node.op_type == "TernaryMatMul" and len(x_shape) < 1:
+            raise _Bad("X must have rank >= 1, got a scalar")
+        if conv:
+            group = _int_attr(attrs, "group", 1)
+            if isinstance(x_shape[1], int) and x_shape[1] != weight_shape[1] * group:
+                raise _Bad(f"X has {x_shape[1]} channels, but weight_shape[1] * group = {weight_shape[1]} * {group}"
+                           f" = {weight_shape[1] * group}")
+        elif isinstance(x_shape[-1], int) and x_shape[-1] != weight_shape[1]:
+            raise _Bad(f"X has {x_shape[-1]} features in its last dimension, but weight_shape[1] (Kin) is "
+                       f"{weight_shape[1]}")
+
+
+def _check_conv_attrs(attrs: dict[str, AttributeProto], weight_shape: list[int]) -> None:
+    known = {"weight_shape", "kernel_shape", "strides", "pads", "dilations", "group", "auto_pad"}
+    unknown = set(attrs) - known
+    if unknown:
+        raise _Bad(f"unknown attribute(s) {', '.join(sorted(unknown))}")
+    k, _, kh, kw = weight_shape
+    if kh > MAX_ATTR or kw > MAX_ATTR:
+        raise _Bad(f"kernel too large in weight_shape {_text(weight_shape)}")
+    group = _int_attr(attrs, "group", 1)
+    if group < 1:
+        raise _Bad(f"group must be >= 1, got {group}")
+    if k % group:
+        raise _Bad(f"K={k} (weight_shape[0]) is not divisible by group={group}")
+    if "kernel_shape" in attrs:
+        kernel = _ints(attrs["kernel_shape"], "kernel_shape")
+        if kernel != [kh, kw]:
+            raise _Bad(f"kernel_shape {_text(kernel)} does not match weight_shape {_text(weight_shape)}")
+    for name in ("strides", "dilations"):
+        if name in attrs:
+            values = _ints(attrs[name], name)
+            if len(values) != 2 or any(not 1 <= v <= MAX_ATTR for v in values):
+                raise _Bad(f"{name} must be 2 values in [1, 65536], got {_text(values)}")
+    if "pads" in attrs:
+        pads = _ints(attrs["pads"], "pads")
+        if len(pads) != 4 or any(not 0 <= p <= MAX_ATTR for p in pads):
+            raise _Bad(f"pads must be 4 values in [0, 65536] (x1_begin, x2_begin, x1_end, x2_end), got {_text(pads)}")
+    if "auto_pad" in attrs:
+        attr = attrs["auto_pad"]
+        if attr.type != AttributeProto.STRING:
+            raise _Bad("auto_pad must be a string")
+        value = attr.s.decode("utf-8", "replace")
+        if value not in ("", "NOTSET"):
+            raise _Bad(f"auto_pad={value} is not supported; write explicit pads")
+
+
+def _ints(attr: AttributeProto, name: str) -> list[int]:
+    if attr.type != AttributeProto.INTS:
+        kind = AttributeProto.AttributeType.Name(attr.type)
+        raise _Bad(f"attribute {name} must be a list of integers, it is {kind}")
+    return [int(v) for v in attr.ints]
+
+
+def _int_attr(attrs: dict[str, AttributeProto], name: str, default: int) -> int:
+    if name not in attrs:
+        return default
+    attr = attrs[name]
+    if attr.type != AttributeProto.INT:
+        kind = AttributeProto.AttributeType.Name(attr.type)
+        raise _Bad(f"attribute {name} must be an integer, it is {kind}")
+    return int(attr.i)
+
+
+def _array(tensor: onnx.TensorProto, name: str) -> np.ndarray:
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, TypeError) as exc:
+        raise _Bad(f"{name} cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def _known_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    shapes: dict[str, list] = {}
+    for value in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        tensor_type = value.type.tensor_type
+        if value.type.HasField("tensor_type") and tensor_type.HasField("shape"):
+            shapes[value.name] = [int(d.dim_value) if d.HasField("dim_value") else d.dim_param or None
+                                  for d in tensor_type.shape.dim]
+    return shapes
+
+
+def _text(values) -> str:
+    return "(" + ", ".join(str(v) for v in values) + ")"
