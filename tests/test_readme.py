@@ -39,6 +39,10 @@ def test_readme_main_command_runs(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "== summary" in result.output
     assert "top-1" in result.output
+    # the example passes the accuracy guard on the 500 bundled test images, with the figures README quotes
+    assert "accuracy guard: passed on 500 --eval samples ('logits' top-1 agreement" in result.output
+    assert "top-1 93.8% -> 91.4%)" in result.output
+    assert "latency (batch 1, default threads)*" in result.output
     original = (ROOT / "examples" / "fashion_cnn.onnx").stat().st_size
     assert out.stat().st_size * 4 < original, "the example should shrink several times"
     assert any(n.domain == "ocomp" for n in onnx.load(out).graph.node)
