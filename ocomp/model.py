@@ -148,6 +148,10 @@ def check_model(model: onnx.ModelProto, what: str = "model") -> None:
     if opset < MIN_OPSET:
         raise OcompError(f"{what}: opset {opset} is older than {MIN_OPSET}, which ocomp does not support; "
                          "convert it with onnx.version_converter first")
+    valid_types = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+    for tensor in model.graph.initializer:
+        if tensor.data_type not in valid_types:
+            raise OcompError(f"{what}: initializer '{tensor.name}' has an invalid data type ({tensor.data_type})")
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
