@@ -17,8 +17,8 @@ import onnx
 from .errors import GuardError, OcompError, OcompWarning, UsageError
 from .guard import GuardOptions
 from .metrics import ModelStats, compare_outputs, model_stats
-from .model import (add_provenance, atomic_write, check_run_paths, graph_inputs, input_dims, load_model, path_problem,
-                    save_model)
+from .model import (add_provenance, atomic_write, check_output_folder, check_run_paths, graph_inputs, input_dims,
+                    load_model, path_problem, save_model)
 from .pipeline import Report, parse_pass_list, registry, resolve_options, run_passes
 from .validate import check_custom_nodes
 
@@ -73,7 +73,6 @@ class CompressResult:
     guard: dict[str, Any] | None = None
     # {"original", "compressed" (seconds, median), "runs", "threads", "batch"} or {"skipped": reason}
     latency: dict[str, Any] | None = None
-    written: bool = True
 
     def to_dict(self) -> dict:
         return {
@@ -120,6 +119,9 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
         ("the --calib data", calib), ("the --eval data", eval_data), ("the --recipe file", recipe)) if p is not None]
     outputs = [("the output (-o)", output_path)] + ([("the --report file", report)] if report is not None else [])
     check_run_paths(inputs, outputs)
+    plot_folder = (merged.get("prune") or {}).get("plot")
+    if plot_folder:
+        check_output_folder(plot_folder, "the --prune-plot folder", inputs)
     external: list[Path] = []
     model = load_model(input_path, input_shapes, external_files=external)
     if external:

@@ -267,6 +267,27 @@ def check_run_paths(inputs: Sequence[tuple[str, str | os.PathLike]],
         check_writable(dst, what)
 
 
+def check_output_folder(path: str | os.PathLike, what: str,
+                        inputs: Sequence[tuple[str, str | os.PathLike]]) -> None:
+    """A folder the run writes files into (created if missing): not a file, not an input data folder or
+    inside one, and creatable/writable (its nearest existing parent is probed)."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise OcompError(f"{folder}: {what} is not a folder")
+    target = resolve_path(folder)
+    for source_what, source in inputs:
+        src = Path(source)
+        if src.is_dir() and (resolve_path(src) == target or resolve_path(src) in target.parents):
+            raise OcompError(f"{folder}: {what} is or lies inside {source_what} folder; refused (a run never "
+                             "changes its inputs)")
+    existing = target
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OcompError(f"{folder}: {what} cannot be created ('{existing}' is not a folder)")
+    check_writable(existing / "probe", what)
+
+
 def check_writable(path: str | os.PathLike, what: str = "output") -> None:
     """The output's folder exists and a file can be created in it (tried, not guessed: root and
     read-only file systems make permission bits unreliable)."""

@@ -403,3 +403,16 @@ def test_labels_outside_the_classes_warn_with_the_range(tmp_path: Path, plain: P
                         "labels range 0..12): they count as wrong"]
     np.savez(data, input=zoo.random_input(zoo.build("plain"), batch=4)["input"], labels=np.array([0, 3, 9, 1]))
     assert "warning" not in invoke("eval", plain, "--data", data).stderr
+
+
+def test_prune_plot_folder_is_checked_before_the_passes(tmp_path: Path, plain: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    np.save(images / "0.npy", zoo.random_input(zoo.build("plain"), batch=2)["input"])
+    base = ["compress", plain, "-o", tmp_path / "o.onnx", "--passes", "prune", "--calib", images, "--no-latency"]
+    one_error(invoke(*base, "--prune-plot", images), 1, "the --prune-plot folder is or lies inside the --calib data")
+    one_error(invoke(*base, "--prune-plot", images / "plots"), 1, "lies inside the --calib data folder")
+    one_error(invoke(*base, "--prune-plot", plain), 1, "the --prune-plot folder is not a folder")
+    locked = _unwritable_dir(tmp_path)
+    one_error(invoke(*base, "--prune-plot", locked / "plots"), 1, "cannot write the --prune-plot folder into")
+    assert not (tmp_path / "o.onnx").exists() and sorted(p.name for p in images.iterdir()) == ["0.npy"]
