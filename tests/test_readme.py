@@ -51,3 +51,14 @@ def test_readme_main_command_runs(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["fashion_cnn.onnx", "fashion_test.npz", "fashion_calib.npz"])
 def test_example_files_ship(name: str) -> None:
     assert (ROOT / "examples" / name).is_file()
+
+
+def test_readme_accuracy_guard_example_is_what_compress_prints(tmp_path: Path) -> None:
+    text = (ROOT / "README.md").read_text()
+    quoted = next(line.strip() for line in text.splitlines() if line.startswith("    error: accuracy guard:"))
+    out = tmp_path / "small.onnx"
+    result = CliRunner().invoke(main, ["compress", str(ROOT / "examples" / "fashion_cnn.onnx"), "-o", str(out),
+                                       "--passes", "prune,bnrecal", "--prune-ratio", "0.9", "--calib",
+                                       str(ROOT / "examples" / "fashion_calib.npz"), "--no-latency", "-q"])
+    assert result.exit_code == 3 and not out.exists()
+    assert result.stderr.strip() == quoted
