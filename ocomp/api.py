@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .errors import GuardError, OcompError, OcompWarning, UsageError
-from .guard import GuardOptions
+from .guard import GuardOptions, quiet_run_options
 from .metrics import ModelStats, compare_outputs, model_stats
 from .model import (add_provenance, atomic_write, check_output_folder, check_run_paths, graph_inputs, input_dims,
                     load_model, path_problem, save_model)
@@ -282,11 +282,12 @@ def measure_latency(original: onnx.ModelProto, compressed: onnx.ModelProto, thre
     for label, model in (("original", original), ("compressed", compressed)):
         try:
             session = _latency_session(model, threads)
-            session.run(None, feeds)
+            quiet = quiet_run_options()
+            session.run(None, feeds, quiet)
             times: list[float] = []
             while len(times) < runs or (len(times) < LATENCY_MAX_RUNS and sum(times) < LATENCY_BUDGET):
                 start = time.perf_counter()
-                session.run(None, feeds)
+                session.run(None, feeds, quiet)
                 times.append(time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - a model onnxruntime cannot time is reported, not fatal
             if not _is_onnxruntime_error(exc) and not isinstance(exc, (OcompError, RuntimeError)):
@@ -311,11 +312,18 @@ def _is_onnxruntime_error(exc: BaseException) -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
+    """onnxruntime's message without its decoration: the error code prefix, the C++ source location and
+    the failed condition ("/onnxruntime_src/...:84 onnxruntime::ReshapeHelper::...(...) size != 0 was false.")."""
+    import re
+
     text = str(exc).strip()
-    for prefix in ("[ONNXRuntimeError] : ",):
-        if text.startswith(prefix):  # "[ONNXRuntimeError] : 1 : FAIL : message" -> "message"
-            text = text.split(" : ", 3)[-1]
-    return (text.splitlines() or [type(exc).__name__])[0]
+    if text.startswith("[ONNXRuntimeError] : "):  # "[ONNXRuntimeError] : 1 : FAIL : message" -> "message"
+        text = text.split(" : ", 3)[-1]
+    text = (text.splitlines() or [type(exc).__name__])[0]
+    text = re.sub(r"Non-zero status code returned while running (\S+) node\. Name:'([^']*)' Status Message: ",
+                  lambda m: f"node '{m.group(2)}' ({m.group(1)}): ", text)
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ .*? was false\. ", "", text)
+    return text.strip() or type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -394,11 +402,12 @@ def compare(path_a: str | os.PathLike, path_b: str | os.PathLike, inputs: str | 
     outs_a: list[list[np.ndarray]] = []
     outs_b: list[list[np.ndarray]] = []
     count = 0
+    quiet = quiet_run_options()
     for feeds in batches:
         with onnxruntime_errors(str(path_a)):
-            outs_a.append(sess_a.run(names_a, feeds))
+            outs_a.append(sess_a.run(names_a, feeds, quiet))
         with onnxruntime_errors(str(path_b)):
-            outs_b.append(sess_b.run(names_b, feeds))
+            outs_b.append(sess_b.run(names_b, feeds, quiet))
         count += len(next(iter(feeds.values())))
     results = {}
     for i, name in enumerate(names_a):

@@ -63,6 +63,16 @@ def hold_back(dataset) -> tuple[Any, Any, str]:
             f"{held} held-back calibration samples")
 
 
+def quiet_run_options():
+    """onnxruntime RunOptions that keep its own log lines of a failed run off the console: the failure
+    still raises, and ocomp reports it as one line."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
+
+
 class _Output:
     def __init__(self) -> None:
         self.dot = self.norm_a = self.norm_b = self.noise = 0.0
@@ -125,8 +135,9 @@ def measure(original: onnx.ModelProto, compressed: onnx.ModelProto, dataset, pro
 
         batches = tqdm(batches, total=-(-len(dataset) // dataset.batch_size), desc="accuracy guard", unit="batch",
                        leave=False)
+    quiet = quiet_run_options()
     for feeds, labels in batches:
-        a, b = sessions[0].run(names, feeds), sessions[1].run(names, feeds)
+        a, b = sessions[0].run(names, feeds, quiet), sessions[1].run(names, feeds, quiet)
         samples += len(next(iter(feeds.values())))
         for name, ya, yb in zip(names, a, b):
             outputs[name].add(ya, yb)
