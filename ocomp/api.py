@@ -132,8 +132,9 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
     reference.CopyFrom(model)
     calibration = _open_data(calib, model, data_options) if calib is not None else None
     evaluation_set = _open_data(eval_data, model, data_options) if eval_data is not None else None
-    if evaluation_set is not None:
-        warn_label_range(evaluation_set, model)
+    for dataset in (calibration, evaluation_set):
+        if dataset is not None:
+            warn_label_range(dataset, model)
     guard_set, guard_where = None, ""
     if guard is not None:
         if evaluation_set is not None:

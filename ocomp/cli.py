@@ -70,9 +70,17 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(signum)
 
 
-def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-    text = str(message).splitlines()[0] if str(message) else category.__name__
-    click.echo(f"warning: {text}", err=True)
+def _warning_printer(original: Callable) -> Callable:
+    """ocomp's own warnings as one `warning:` line on stderr; other libraries' warnings as before."""
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if not issubclass(category, OcompWarning):
+            original(message, category, filename, lineno, file, line)
+            return
+        text = str(message).splitlines()[0] if str(message) else category.__name__
+        click.echo(f"warning: {text}", err=True)
+
+    return show
 
 
 def handle_errors(func: Callable) -> Callable:
@@ -91,7 +99,7 @@ def handle_errors(func: Callable) -> Callable:
                         signal.signal(signum, _raise_terminated)
             with warnings.catch_warnings():
                 warnings.simplefilter("always", OcompWarning)
-                warnings.showwarning = _show_warning
+                warnings.showwarning = _warning_printer(warnings.showwarning)
                 return func(*args, **kwargs)
         except GuardError as exc:
             if _DEBUG["on"]:

@@ -407,6 +407,9 @@ def test_labels_outside_the_classes_warn_with_the_range(tmp_path: Path, plain: P
     warnings = [line for line in result.stderr.splitlines() if line.strip()]
     assert warnings == [f"warning: {data}: 2 of 4 labels lie outside the model's classes 0..9 (output 'logits'; "
                         "labels range 0..12): they count as wrong"]
+    result = invoke("compress", plain, "-o", tmp_path / "o.onnx", "--passes", "foldbn", "--calib", data,
+                    "--no-latency", "-q")
+    assert result.exit_code == 0 and warnings[0] in result.stderr.splitlines()
     np.savez(data, input=zoo.random_input(zoo.build("plain"), batch=4)["input"], labels=np.array([0, 3, 9, 1]))
     assert "warning" not in invoke("eval", plain, "--data", data).stderr
 
