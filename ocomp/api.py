@@ -20,7 +20,7 @@ from .metrics import ModelStats, compare_outputs, model_stats
 from .model import (add_provenance, atomic_write, check_output_folder, check_run_paths, graph_inputs, input_dims,
                     load_model, path_problem, save_model)
 from .pipeline import Report, parse_pass_list, registry, resolve_options, run_passes
-from .validate import check_custom_nodes
+from .validate import check_nodes
 
 try:  # Python >= 3.11
     import tomllib
@@ -127,7 +127,7 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
     if external:
         check_run_paths(inputs + [(f"the input model's external data file '{p.name}'", p) for p in external],
                         outputs)
-    check_custom_nodes(model, str(input_path))
+    check_nodes(model, str(input_path))
     reference = onnx.ModelProto()
     reference.CopyFrom(model)
     calibration = _open_data(calib, model, data_options) if calib is not None else None
@@ -356,7 +356,7 @@ def _open_data(path: str | os.PathLike, model: onnx.ModelProto, data_options: An
 def inspect(path: str | os.PathLike, input_shapes: Mapping[str, Sequence[int]] | None = None) -> ModelStats:
     """Ops histogram, per-layer params/MACs/weight bits, totals and file size of a model file."""
     model = load_model(path, input_shapes, require_static=False)
-    check_custom_nodes(model, str(path))
+    check_nodes(model, str(path))
     return model_stats(model, path)
 
 
@@ -386,8 +386,8 @@ def compare(path_a: str | os.PathLike, path_b: str | os.PathLike, inputs: str | 
 
     model_a = load_model(path_a, input_shapes, require_static=False)
     model_b = load_model(path_b, input_shapes, require_static=False)
-    check_custom_nodes(model_a, str(path_a))
-    check_custom_nodes(model_b, str(path_b))
+    check_nodes(model_a, str(path_a))
+    check_nodes(model_b, str(path_b))
     names_a = [o.name for o in model_a.graph.output]
     names_b = [o.name for o in model_b.graph.output]
     if [v.name for v in graph_inputs(model_a)] != [v.name for v in graph_inputs(model_b)] or names_a != names_b:
@@ -428,10 +428,10 @@ def evaluate(path: str | os.PathLike, data: str | os.PathLike, reference: str | 
     from .evaluate import evaluate as run_evaluation
 
     model = load_model(path, input_shapes, require_static=False)
-    check_custom_nodes(model, str(path))
+    check_nodes(model, str(path))
     ref = load_model(reference, input_shapes, require_static=False) if reference is not None else None
     if ref is not None:
-        check_custom_nodes(ref, str(reference))
+        check_nodes(ref, str(reference))
     dataset = _open_data(data, model, data_options)
     if not dataset.has_labels and ref is None:
         raise OcompError(f"{data}: the data has no labels; give --reference to measure fidelity instead")

@@ -20,23 +20,41 @@ _INT32_MAX = 2**31 - 1
 _CODE_INVALID = 0b11
 
 
-def check_custom_nodes(model: onnx.ModelProto, what: str = "model") -> None:
-    """Raise OcompError naming the model, the node and the problem for the first malformed ocomp node."""
+def check_nodes(model: onnx.ModelProto, what: str = "model") -> None:
+    """Raise OcompError naming the model, the node and the problem for the first malformed ocomp node, or
+    standard weighted layer whose constant weight has the wrong rank (ONNX's checker does not look at
+    shapes, and shape inference is lenient on models with custom ops)."""
     constants = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
             for attr in node.attribute:
                 if attr.name == "value" and attr.type == AttributeProto.TENSOR:
                     constants[node.output[0]] = attr.t
     shapes = _known_shapes(model)
     for index, node in enumerate(model.graph.node):
-        if node.domain != CUSTOM_DOMAIN:
-            continue
-        where = f"{what}: node '{node.name or node.output[0] if node.output else index}' ({node.op_type})"
+        name = node.name or (node.output[0] if node.output else f"#{index}")
         try:
-            _check_node(node, constants, shapes)
+            if node.domain == CUSTOM_DOMAIN:
+                _check_node(node, constants, shapes)
+            elif node.domain in ("", "ai.onnx") and node.op_type in _WEIGHT_RANKS:
+                _check_weight_rank(node, constants)
         except _Bad as exc:
-            raise OcompError(f"{where}: {exc}") from None
+            raise OcompError(f"{what}: node '{name}' ({node.op_type}): {exc}") from None
+
+# standard weighted ops: (input index of the weight, allowed ranks of a constant weight)
+_WEIGHT_RANKS = {"Conv": (1, range(3, 9)), "ConvTranspose": (1, range(3, 9)), "Gemm": (1, (2,)),
+                 "MatMul": (1, range(1, 9))}
+
+
+def _check_weight_rank(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> None:
+    slot, ranks = _WEIGHT_RANKS[node.op_type]
+    if len(node.input) <= slot or node.input[slot] not in constants:
+        return
+    dims = list(constants[node.input[slot]].dims)
+    if len(dims) not in ranks:
+        allowed = "2" if tuple(ranks) == (2,) else f"{min(ranks)} or more"
+        raise _Bad(f"weight '{node.input[slot]}' has shape {_text(dims)}; {node.op_type} needs a weight of rank "
+                   f"{allowed}")
 
 
 class _Bad(Exception):

@@ -436,3 +436,17 @@ def test_prune_plot_folder_is_checked_before_the_passes(tmp_path: Path, plain: P
     locked = _unwritable_dir(tmp_path)
     one_error(invoke(*base, "--prune-plot", locked / "plots"), 1, "cannot write the --prune-plot folder into")
     assert not (tmp_path / "o.onnx").exists() and sorted(p.name for p in images.iterdir()) == ["0.npy"]
+
+
+def test_weighted_layer_with_a_weight_of_the_wrong_rank_is_refused(tmp_path: Path, ternary_model: Path) -> None:
+    """Found by the fuzz test: a Gemm whose weight is a 1-D tensor passes ONNX's checker and the lenient shape
+    inference of models with custom ops; inspect printed a 32-weight Gemm instead of refusing it."""
+    model = onnx.load(ternary_model)
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    bias = next(i.name for i in model.graph.initializer if len(i.dims) == 1 and i.dims[0] == 32)
+    gemm.input[1] = bias
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, bad)
+    for command in (["inspect", bad], ["compare", bad, ternary_model]):
+        one_error(invoke(*command), 1, f"node '{gemm.name}' (Gemm): weight '{bias}' has shape (32); Gemm needs a "
+                                       "weight of rank 2")
