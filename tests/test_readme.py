@@ -14,8 +14,12 @@ from ocomp.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def readme_text() -> str:
+    return (ROOT / "README.md").read_text()
+
+
 def readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+    text = readme_text()
     return [line.strip() for line in text.splitlines() if line.startswith("    python3 -m venv .venv")]
 
 
@@ -40,8 +44,12 @@ def test_readme_main_command_runs(tmp_path: Path) -> None:
     assert "== summary" in result.output
     assert "top-1" in result.output
     # the example passes the accuracy guard on the 500 bundled test images, with the figures README quotes
+    import re
+
+    quoted = re.search(r"top-1 (\d+\.\d)% -> (\d+\.\d)% on the 500\s+bundled test images", readme_text())
+    assert quoted, "README's Quick start quotes the example's top-1 before and after"
     assert "accuracy guard: passed on 500 --eval samples ('logits' top-1 agreement" in result.output
-    assert "top-1 93.8% -> 91.4%)" in result.output
+    assert f"top-1 {quoted.group(1)}% -> {quoted.group(2)}%)" in result.output, result.output
     assert "latency (batch 1, default threads)*" in result.output
     original = (ROOT / "examples" / "fashion_cnn.onnx").stat().st_size
     assert out.stat().st_size * 4 < original, "the example should shrink several times"
