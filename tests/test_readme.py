@@ -46,7 +46,7 @@ def test_readme_main_command_runs(tmp_path: Path) -> None:
     # the example passes the accuracy guard on the 500 bundled test images, with the figures README quotes
     import re
 
-    quoted = re.search(r"top-1 (\d+\.\d)% -> (\d+\.\d)% on the 500\s+bundled test images", readme_text())
+    quoted = re.search(r"top-1 (\d+\.\d)% -> (\d+\.\d)% on the\s+500\s+bundled test images", readme_text())
     assert quoted, "README's Quick start quotes the example's top-1 before and after"
     assert "accuracy guard: passed on 500 --eval samples ('logits' top-1 agreement" in result.output
     assert f"top-1 {quoted.group(1)}% -> {quoted.group(2)}%)" in result.output, result.output
