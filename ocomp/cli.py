@@ -255,7 +255,7 @@ def main(debug: bool) -> None:
               help="Accuracy guard: largest top-1 accuracy drop in points (with labels).")
 @click.option("--force", is_flag=True, help="Write the output even when the accuracy guard fails.")
 @click.option("--latency/--no-latency", default=True, show_default=True,
-              help="Time the original and the compressed model (batch 1, median of 5 runs) on this machine.")
+              help="Time the original and the compressed model (batch 1, median of at least 5 runs) on this machine.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Intra-op threads for the latency measurement (default: onnxruntime's, all cores).")
 @input_shape_option
