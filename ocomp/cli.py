@@ -46,7 +46,7 @@ import click  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .errors import GuardError, OcompError, OcompWarning, UsageError  # noqa: E402
-from .pipeline import Option, registry  # noqa: E402
+from .pipeline import Option, OptionError, registry  # noqa: E402
 from .report import json_text  # noqa: E402
 
 _DEBUG = {"on": False}
@@ -108,7 +108,7 @@ def handle_errors(func: Callable) -> Callable:
         except UsageError as exc:
             if _DEBUG["on"]:
                 traceback.print_exc()
-            _fail(str(exc), 2)
+            _fail(exc.flag_message() if isinstance(exc, OptionError) else str(exc), 2)
         except OcompError as exc:
             if _DEBUG["on"]:
                 traceback.print_exc()

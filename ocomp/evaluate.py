@@ -10,70 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import onnx
 
 from .errors import OcompError
-from .metrics import ModelStats
-from .model import CUSTOM_DOMAIN
-
-
-def uses_custom_ops(model: onnx.ModelProto) -> bool:
-    return any(node.domain == CUSTOM_DOMAIN for node in model.graph.node)
-
-
-def make_session(model: onnx.ModelProto | bytes):
-    """An onnxruntime session with the ocomp custom ops when the runtime library is available;
-    plain onnxruntime for models without ocomp ops otherwise."""
-    proto = model if isinstance(model, onnx.ModelProto) else None
-    data = model.SerializeToString() if proto is not None else model
-    try:
-        from ocomp.runtime import session
-    except ImportError:
-        session = None
-    if session is not None:
-        return session(data, log_severity_level=3)  # no ORT warnings about the user's model on the console
-    if proto is None:
-        proto = onnx.load_from_string(data)
-    if uses_custom_ops(proto):
-        raise OcompError("the model uses ocomp custom ops (Ternary*) but the ocomp runtime library is not "
-                         "available; rebuild/reinstall ocomp")
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-
-
-class _Fidelity:
-    """Running top-1 agreement, cosine and SNR of `output` against `reference`."""
-
-    def __init__(self) -> None:
-        self.dot = self.norm_a = self.norm_b = self.noise = 0.0
-        self.agree = self.rows = 0
-
-    def add(self, reference: np.ndarray, output: np.ndarray) -> None:
-        if reference.shape != output.shape:
-            raise OcompError(f"the model's output has shape {output.shape}, the reference's {reference.shape}; "
-                             "they cannot be compared")
-        a = reference.astype(np.float64).reshape(-1)
-        b = output.astype(np.float64).reshape(-1)
-        self.dot += float(a @ b)
-        self.norm_a += float(a @ a)
-        self.norm_b += float(b @ b)
-        self.noise += float((a - b) @ (a - b))
-        if reference.ndim >= 2 and reference.shape[-1] > 1:
-            last = reference.shape[-1]
-            self.agree += int(np.sum(reference.reshape(-1, last).argmax(-1) == output.reshape(-1, last).argmax(-1)))
-            self.rows += reference.size // last
-
-    def result(self) -> dict[str, float]:
-        denom = math.sqrt(self.norm_a * self.norm_b)
-        out = {"cosine": self.dot / denom if denom > 0 else float(self.norm_a == self.norm_b),
-               "snr_db": 10 * math.log10(self.norm_a / self.noise) if self.noise > 0 else float("inf")}
-        if self.rows:
-            out = {"agreement": self.agree / self.rows, **out}
-        return out
+from .metrics import Accuracy, ModelStats, OutputMetrics
+from .session import make_session
 
 
 def evaluate(model: onnx.ModelProto, dataset, reference: onnx.ModelProto | None = None,
@@ -83,8 +24,8 @@ def evaluate(model: onnx.ModelProto, dataset, reference: onnx.ModelProto | None 
     ref_session = make_session(reference) if reference is not None else None
     output = model.graph.output[0].name
     ref_output = reference.graph.output[0].name if reference is not None else None
-    correct1 = correct5 = samples = 0
-    fidelity = _Fidelity()
+    accuracy, fidelity = Accuracy(), OutputMetrics()
+    samples = 0
     labelled = dataset.has_labels
     batches = dataset.batches()
     if progress:
@@ -94,25 +35,23 @@ def evaluate(model: onnx.ModelProto, dataset, reference: onnx.ModelProto | None 
         batches = tqdm(batches, total=total, desc="evaluate", unit="batch", leave=False)
     for feeds, labels in batches:
         logits = session.run([output], feeds)[0]
-        n = len(next(iter(feeds.values())))
-        samples += n
+        samples += len(next(iter(feeds.values())))
         if labelled and labels is not None:
-            scores = logits.reshape(n, -1)
-            k = min(5, scores.shape[1])
-            top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-            hits = top == labels.reshape(-1, 1)
-            correct1 += int(hits[:, 0].sum())
-            correct5 += int(hits.any(axis=1).sum())
+            accuracy.add(logits, labels)
         if ref_session is not None:
-            fidelity.add(ref_session.run([ref_output], feeds)[0], logits)
+            try:
+                fidelity.add(ref_session.run([ref_output], feeds)[0], logits)
+            except ValueError:
+                raise OcompError(f"the model's output has shape {logits.shape}, the reference's differs; "
+                                 "they cannot be compared") from None
     if samples == 0:
         raise OcompError(f"{getattr(dataset, 'source', 'the data set')}: no samples to evaluate")
     result: dict[str, Any] = {"samples": samples}
     if labelled:
-        result["top1"] = correct1 / samples
-        result["top5"] = correct5 / samples
+        result.update(accuracy.result())
     if ref_session is not None:
-        result.update(fidelity.result())
+        figures = fidelity.result()
+        result.update({k: figures[k] for k in ("agreement", "cosine", "snr_db", "non_finite") if k in figures})
     return result
 
 

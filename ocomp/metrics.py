@@ -1,19 +1,23 @@
-"""Model statistics (params, MACs, weight bits, file size) and output-comparison metrics."""
+"""Model statistics (params, MACs, weight bits, file size) and the one streaming metrics accumulator
+(accuracy, agreement, cosine, SNR, errors) used by eval, compare, compress --eval, the accuracy guard,
+the pruning scan and the benchmarks.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from .layers import TERNARY_OPS, layer_of, numel
 from .model import graph_inputs, input_dims, with_outputs
-
-TERNARY_OPS = ("TernaryConv", "TernaryGemm", "TernaryMatMul")
-WEIGHTED_OPS = ("Conv", "Gemm", "MatMul") + TERNARY_OPS
 
 
 @dataclass
@@ -61,11 +65,6 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def _numel(dims) -> int:
-    """Elements of a shape, symbolic or unknown dims counted as 1 (MACs are reported at batch 1)."""
-    return int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in dims], dtype=np.int64))
-
-
 def _is_shape_constant(tensor: onnx.TensorProto) -> bool:
     return tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and len(tensor.dims) <= 1
 
@@ -88,7 +87,7 @@ def _measured_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, list
         feeds[value.name] = np.zeros([1] + [int(d) for d in dims[1:]], dtype=dtype)
     probe = with_outputs(model, names)
     try:
-        from .evaluate import make_session  # (evaluate imports this module)
+        from .session import make_session
 
         runner = make_session(probe)
         values = runner.run(names, feeds)
@@ -98,43 +97,41 @@ def _measured_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, list
 
 
 def model_stats(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> ModelStats:
-    """Params, MACs (batch 1) and storage of every weighted layer; the model must have inferred shapes.
+    """Params, MACs (batch 1) and storage of every weighted layer (the layer table, ocomp/layers.py); the
+    model must have inferred shapes.
 
     Layer outputs that static shape inference leaves unsized are measured by one onnxruntime run at batch 1
     (when every input is sized apart from the batch); layers still unsized are listed in `unknown_macs`."""
     shapes = _shapes(model)
     inits = constant_tensors(model)
-    unsized = [n.output[0] for n in model.graph.node if n.op_type in WEIGHTED_OPS and len(n.input) > 1
-               and n.input[1] in inits and not _known(shapes.get(n.output[0], []))]
+    graph = gs.import_onnx(model)
+    layers_found = [(node, layer) for node in graph.nodes
+                    for layer in [layer_of(node)] if layer is not None and node.inputs[1].name in inits]
+    unsized = [node.outputs[0].name for node, _ in layers_found if not _known(shapes.get(node.outputs[0].name, []))]
     if unsized:
         shapes.update(_measured_shapes(model, unsized))
     layers: list[LayerStats] = []
     counted: set[str] = set()
-    for node in model.graph.node:
-        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or node.input[1] not in inits:
-            continue
-        weight = inits[node.input[1]]
-        out_shape = shapes.get(node.output[0], [])
+    for node, layer in layers_found:
+        weight = inits[node.inputs[1].name]
+        out_shape = shapes.get(node.outputs[0].name, [])
+        in_shape = shapes.get(node.inputs[0].name, [])
         nbytes = _tensor_nbytes(weight)
-        if node.op_type in TERNARY_OPS:
-            wshape = [int(d) for d in _attr(node, "weight_shape", [])]
-        else:
-            wshape = list(weight.dims)
-        params = _numel(wshape)
+        wshape = list(layer.weight_shape)
+        params = numel(wshape)
         bias_params = 0
-        for extra in node.input[2:]:
+        for extra in (t.name for t in node.inputs[2:]):
             if extra in inits and extra not in counted:
-                bias_params += _numel(inits[extra].dims)
-        for extra in node.input[1:]:
-            counted.add(extra)
-        macs = _layer_macs(node.op_type, wshape, out_shape, _attr(node, "group", 1), _attr(node, "transB", 0))
-        dtype = "ternary" if node.op_type in TERNARY_OPS else onnx.helper.tensor_dtype_to_np_dtype(weight.data_type).name
-        layers.append(LayerStats(node.name or node.output[0], node.op_type, wshape, out_shape,
+                bias_params += numel(inits[extra].dims)
+        counted.update(t.name for t in node.inputs[1:])
+        macs = layer.macs(in_shape, out_shape) if out_shape else 0
+        dtype = "ternary" if layer.ternary else onnx.helper.tensor_dtype_to_np_dtype(weight.data_type).name
+        layers.append(LayerStats(node.name or node.outputs[0].name, node.op, wshape, out_shape,
                                  params + bias_params, macs, dtype, round(8.0 * nbytes / max(params, 1), 3)))
     params = sum(layer.params for layer in layers)
     for name, init in inits.items():
         if name not in counted and not _is_shape_constant(init):
-            params += _numel(init.dims)
+            params += numel(init.dims)
     weight_bytes = sum(_tensor_nbytes(i) for i in inits.values())
     size = os.path.getsize(path) if path is not None and os.path.exists(path) else None
     ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in model.graph.node)
@@ -161,50 +158,108 @@ def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
     return int(numpy_helper.to_array(tensor).nbytes)
 
 
-def _layer_macs(op: str, wshape: list[int], out_shape, group: int, trans_b: int) -> int:
-    if not wshape or not out_shape:
-        return 0
-    if op in ("Conv", "TernaryConv"):
-        # every output element sums C/group * kH * kW products
-        return _numel(out_shape) * _numel(wshape[1:])
-    if op == "Gemm":
-        k = wshape[1] if trans_b else wshape[0]
-        return _numel(out_shape) * k
-    if op == "MatMul":
-        return _numel(out_shape) * wshape[-2]
-    if op in ("TernaryGemm", "TernaryMatMul"):
-        return _numel(out_shape) * wshape[1]
-    return 0
+# ---------------------------------------------------------------- output metrics
 
 
-# ---------------------------------------------------------------- output comparison
+class OutputMetrics:
+    """Streaming comparison of one output with a reference output, batch by batch (float64 sums, no outputs
+    kept): max abs / rel error, cosine, SNR in dB (the reference as the signal), top-1 agreement of class
+    scores (last axis > 1, rank >= 2) and, for score maps (other outputs whose reference values all lie in
+    [0, 1]), the IoU of the maps thresholded at `map_threshold`. Non-finite values are counted, and make
+    cosine and SNR NaN: they are never reported as a match."""
+
+    def __init__(self, map_threshold: float = 0.5) -> None:
+        self.map_threshold = map_threshold
+        self.dot = self.norm_a = self.norm_b = self.noise = 0.0
+        self.max_abs = self.max_ref = 0.0
+        self.agree = self.rows = 0
+        self.low, self.high = math.inf, -math.inf
+        self.intersection = self.union = 0
+        self.non_finite = 0
+        self.values = 0
+
+    def add(self, reference: np.ndarray, output: np.ndarray) -> None:
+        reference, output = np.asarray(reference), np.asarray(output)
+        if reference.shape != output.shape:
+            raise ValueError(f"output shapes differ: reference {reference.shape}, output {output.shape}")
+        a = reference.astype(np.float64).reshape(-1)
+        b = output.astype(np.float64).reshape(-1)
+        self.values += a.size
+        finite = np.isfinite(a) & np.isfinite(b)
+        if not finite.all():
+            self.non_finite += int(a.size - finite.sum())
+            return
+        self.dot += float(a @ b)
+        self.norm_a += float(a @ a)
+        self.norm_b += float(b @ b)
+        diff = a - b
+        self.noise += float(diff @ diff)
+        if a.size:
+            self.max_abs = max(self.max_abs, float(np.abs(diff).max()))
+            self.max_ref = max(self.max_ref, float(np.abs(a).max()))
+            self.low, self.high = min(self.low, float(a.min())), max(self.high, float(a.max()))
+        if reference.ndim >= 2 and reference.shape[-1] > 1:
+            last = reference.shape[-1]
+            self.agree += int(np.sum(reference.reshape(-1, last).argmax(-1) == output.reshape(-1, last).argmax(-1)))
+            self.rows += reference.size // last
+        pa, pb = a >= self.map_threshold, b >= self.map_threshold
+        self.intersection += int(np.sum(pa & pb))
+        self.union += int(np.sum(pa | pb))
+
+    @property
+    def classifier(self) -> bool:
+        return self.rows > 0
+
+    def result(self) -> dict[str, Any]:
+        if self.non_finite:
+            return {"max_abs": float("nan"), "max_rel": float("nan"), "cosine": float("nan"),
+                    "snr_db": float("nan"), "non_finite": self.non_finite}
+        denom = math.sqrt(self.norm_a * self.norm_b)
+        out: dict[str, Any] = {
+            "max_abs": self.max_abs,
+            "max_rel": self.max_abs / self.max_ref if self.max_ref > 0 else self.max_abs,
+            "cosine": self.dot / denom if denom > 0 else float(self.norm_a == self.norm_b),
+            "snr_db": 10 * math.log10(self.norm_a / self.noise) if self.noise > 0 else float("inf"),
+        }
+        if self.classifier:
+            out["agreement"] = self.agree / self.rows
+        elif self.values and 0.0 <= self.low and self.high <= 1.0:
+            out["map_iou"] = self.intersection / self.union if self.union else 1.0
+        return out
 
 
 def compare_outputs(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Max abs / rel error, cosine similarity, SNR (dB, `a` as reference) and top-1 agreement."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"output shapes differ: {a.shape} vs {b.shape}")
-    diff = np.abs(a - b)
-    scale = np.max(np.abs(a)) if a.size else 0.0
-    fa, fb = a.reshape(-1), b.reshape(-1)
-    denom = np.linalg.norm(fa) * np.linalg.norm(fb)
-    noise = float(np.sum((a - b) ** 2))
-    result = {
-        "max_abs": float(diff.max()) if diff.size else 0.0,
-        "max_rel": float(diff.max() / scale) if scale > 0 else float(diff.max() if diff.size else 0.0),
-        "cosine": float(fa @ fb / denom) if denom > 0 else float(np.array_equal(fa, fb)),
-        "snr_db": float(10 * np.log10(np.sum(a**2) / noise)) if noise > 0 else float("inf"),
-    }
-    if a.ndim >= 2 and a.shape[-1] > 1:
-        result["top1_agreement"] = float(np.mean(a.reshape(-1, a.shape[-1]).argmax(-1) ==
-                                                 b.reshape(-1, b.shape[-1]).argmax(-1)))
-    return result
+    """OutputMetrics of `b` against the reference `a`, for whole arrays."""
+    metrics = OutputMetrics()
+    metrics.add(a, b)
+    return metrics.result()
+
+
+class Accuracy:
+    """Streaming top-1 / top-5 accuracy of class scores against integer labels."""
+
+    def __init__(self) -> None:
+        self.top1 = self.top5 = self.samples = 0
+
+    def add(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        n = len(labels)
+        scores = np.asarray(scores).reshape(n, -1)
+        k = min(5, scores.shape[1])
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        hits = top == np.asarray(labels).reshape(-1, 1)
+        self.top1 += int(hits[:, 0].sum())
+        self.top5 += int(hits.any(axis=1).sum())
+        self.samples += n
+
+    def result(self) -> dict[str, float]:
+        n = max(self.samples, 1)
+        return {"top1": self.top1 / n, "top5": self.top5 / n}
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    logits = np.asarray(logits).reshape(len(labels), -1)
-    k = min(k, logits.shape[1])
-    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    return float(np.mean((top == np.asarray(labels).reshape(-1, 1)).any(axis=1)))
+    """Top-1 (k=1) or top-5 (k=5) accuracy of whole arrays."""
+    if k not in (1, 5):
+        raise ValueError("k must be 1 or 5")
+    accuracy = Accuracy()
+    accuracy.add(logits, labels)
+    return accuracy.result()[f"top{k}"]

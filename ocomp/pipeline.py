@@ -90,6 +90,31 @@ def fraction(value: Any) -> float:
     return number
 
 
+def positive_int(value: Any) -> int:
+    """Option type: a whole number >= 1."""
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"expected a whole number, got {value!r}")
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"expected a whole number >= 1, got {value!r}")
+    return number
+
+
+positive_int.__name__ = "int"
+
+
+class OptionError(UsageError):
+    """A pass option the pass cannot use. The message names the option as the pass declares it
+    (`option 'skip' of pass 'ternary': ...`); the CLI shows the flag instead (`flag_message`)."""
+
+    def __init__(self, pass_name: str, option: str, problem: str):
+        self.pass_name, self.option, self.problem = pass_name, option, problem
+        super().__init__(f"option '{option}' of pass '{pass_name}': {problem}")
+
+    def flag_message(self) -> str:
+        return f"--{self.pass_name}-{self.option.replace('_', '-')}: {self.problem}"
+
+
 # ---------------------------------------------------------------- reports
 
 
@@ -155,6 +180,30 @@ def _json_default(value: Any) -> Any:
 
 
 @dataclass
+class KeptChannels:
+    """What pruning left: for every tensor whose channel axis shrank, the kept channel indices relative to
+    the original model (composed over several prune runs). bnrecal maps channels back to the original
+    with it."""
+
+    by_tensor: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def get(self, tensor: str, default: Any = None) -> np.ndarray | None:
+        return self.by_tensor.get(tensor, default)
+
+    def __contains__(self, tensor: str) -> bool:
+        return tensor in self.by_tensor
+
+    def record(self, indices: Mapping[str, np.ndarray]) -> None:
+        """Tensors shrank to `indices` of their current channels."""
+        for name, idx in indices.items():
+            previous = self.by_tensor.get(name)
+            self.by_tensor[name] = np.asarray(previous)[idx] if previous is not None else np.asarray(idx)
+
+    def copy(self) -> "KeptChannels":
+        return KeptChannels({k: np.asarray(v).copy() for k, v in self.by_tensor.items()})
+
+
+@dataclass
 class Context:
     """What a pass may use besides the graph. Passes never load/save files, parse flags or print."""
 
@@ -163,8 +212,14 @@ class Context:
     reference: onnx.ModelProto | None = None  # the original (input) model
     template: onnx.ModelProto | None = None  # the model the current graph was imported from
     history: list[str] = field(default_factory=list)  # passes that ran before this one
-    state: dict[str, Any] = field(default_factory=dict)  # facts passes leave for later ones
+    kept_channels: KeptChannels = field(default_factory=KeptChannels)  # left by prune, read by bnrecal
     progress: bool = False
+    threads: int | None = None  # onnxruntime intra-op threads for the sessions passes make (None: default)
+    pass_name: str = ""
+
+    def option_error(self, option: str, problem: str) -> OptionError:
+        """An error about one of the running pass's options (the CLI names the flag)."""
+        return OptionError(self.pass_name, option, problem)
 
     def export(self, graph: gs.Graph) -> onnx.ModelProto:
         """The current graph as a shape-inferred model (the graph is cleaned up and sorted)."""
@@ -172,11 +227,11 @@ class Context:
             raise RuntimeError("Context.export needs a template model")
         return to_model(graph, self.template)
 
-    def session(self, model: onnx.ModelProto | bytes | str, **session_options: Any):
-        """An onnxruntime session with the ocomp custom-op library registered."""
-        from ocomp.runtime import session
+    def session(self, model: onnx.ModelProto | bytes):
+        """An onnxruntime session (ocomp's ops registered) with the context's thread count."""
+        from .session import make_session
 
-        return session(model, **session_options)
+        return make_session(model, threads=self.threads)
 
 
 class Pass:
@@ -237,7 +292,7 @@ def resolve_options(pass_name: str, given: Mapping[str, Any] | None) -> dict[str
         try:
             resolved[name] = declared[name].convert(value)
         except (ValueError, TypeError) as exc:
-            raise UsageError(f"{declared[name].flag(pass_name)}: {exc}") from None
+            raise OptionError(pass_name, name, str(exc)) from None
     return resolved
 
 
@@ -252,7 +307,7 @@ class PipelineResult:
 
 def run_passes(model: onnx.ModelProto, passes: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None,
                *, calibration: Any = None, reference: onnx.ModelProto | None = None,
-               progress: bool = False, state: dict | None = None) -> PipelineResult:
+               progress: bool = False, kept_channels: KeptChannels | None = None) -> PipelineResult:
     """Run passes in order on a (loaded, shape-inferred) model; each result is checked before the next runs."""
     options = dict(options or {})
     unknown = set(options) - set(passes)
@@ -261,7 +316,7 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[str], options: Mapping[s
     resolved = {name: resolve_options(name, options.get(name)) for name in passes}
     reference = reference if reference is not None else model
     expected = signature(model)
-    state = state if state is not None else {}
+    kept_channels = kept_channels if kept_channels is not None else KeptChannels()
     reports: list[Report] = []
     history: list[str] = []
     for name in passes:
@@ -269,7 +324,7 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[str], options: Mapping[s
         if "calibration" in cls.needs and calibration is None:
             raise UsageError(f"pass '{name}' needs calibration data: give --calib")
         ctx = Context(options=resolved[name], calibration=calibration, reference=reference, template=model,
-                      history=list(history), state=state, progress=progress)
+                      history=list(history), kept_channels=kept_channels, progress=progress, pass_name=name)
         before = model_stats(model)
         start = time.perf_counter()
         graph = to_graph(model)

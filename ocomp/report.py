@@ -149,6 +149,6 @@ def render_comparison(results: dict[str, dict[str, float]], n: int) -> str:
     rows = []
     for name, m in results.items():
         rows.append((name, f"{m['max_abs']:.3g}", f"{m['max_rel']:.3g}", f"{m['cosine']:.6f}",
-                     f"{m['snr_db']:.1f}", f"{m['top1_agreement']:.4f}" if "top1_agreement" in m else "-"))
+                     f"{m['snr_db']:.1f}", f"{m['agreement']:.4f}" if "agreement" in m else "-"))
     return (f"compared on {n} input(s)\n" +
             table(("output", "max abs", "max rel", "cosine", "SNR dB", "top-1 agree"), rows))

@@ -48,8 +48,9 @@ from __future__ import annotations
 import math
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -59,7 +60,8 @@ from ocomp.errors import OcompError, UsageError
 from ocomp.kneedle import knee_index
 from ocomp.metrics import model_stats
 from ocomp.model import to_graph, to_model
-from ocomp.pipeline import Context, Report, resolve_options
+from ocomp.pipeline import Context, KeptChannels, Report, resolve_options
+from ocomp.session import make_session
 
 METRICS = ("cosine", "snr", "top1")
 FLAT_TOLERANCE = {"cosine": 1e-5, "snr": 0.01, "top1": 0.0}  # quality loss treated as none
@@ -108,30 +110,32 @@ def require_matplotlib() -> None:
 # ---------------------------------------------------------------- the auto run
 
 
-def run_auto(graph: gs.Graph, ctx: Context, report: Report, group_ratios) -> Report:
-    """Prune `graph` in place with automatically chosen per-group ratios (see module doc).
+def run_auto(graph: gs.Graph, ctx: Context, report: Report, group_ratios: Callable, prune: Callable,
+             settings: Any) -> tuple[Any, dict[str, str]]:
+    """Prune `graph` in place with automatically chosen per-group ratios (see module doc); returns the
+    pruning result and a note for each group.
 
-    group_ratios(graph) -> {group id: ratio, or None for the groups to scan}
-    (Prune.group_ratios: --prune-skip and --prune-layer apply as with a fixed
-    ratio; groups given a ratio by --prune-layer keep it and are not scanned).
+    group_ratios(graph) -> {group id: ratio, or None for the groups to scan} (the skip and layer options
+    apply as with a fixed ratio; groups given a ratio by the layer option keep it and are not scanned).
+    prune(graph, ratios, settings, calibration=..., session_factory=..., opsets=...) -> a result with
+    `.kept`, `.indices`, `.layers` (passes/prune.py's prune_graph; it is passed in, so this module does not
+    import the pass that uses it).
     """
-    from .prune import _ctx_session_factory, prune_graph
-
     opts = ctx.options
     if ctx.calibration is None:
-        raise UsageError("--prune-ratio auto needs --calib")
+        raise ctx.option_error("ratio", "'auto' needs calibration data (--calib)")
     if opts["plot"]:
         require_matplotlib()
     metric = opts["auto_metric"]
     if metric not in METRICS:
-        raise UsageError(f"--prune-auto-metric: expected one of {', '.join(METRICS)}, got '{metric}'")
+        raise ctx.option_error("auto_metric", f"expected one of {', '.join(METRICS)}, got '{metric}'")
     if metric == "top1" and not ctx.calibration.has_labels:
-        raise UsageError("--prune-auto-metric top1 needs labels in the calibration data; use cosine or snr")
+        raise ctx.option_error("auto_metric", "top1 needs labels in the calibration data; use cosine or snr")
     try:
         candidates = ratio_list(opts["auto_ratios"])
         targets = {"macs": budget_fraction(opts["target_macs"]), "params": budget_fraction(opts["target_params"])}
     except (TypeError, ValueError) as exc:
-        raise UsageError(f"--prune-ratio auto: {exc}") from None
+        raise ctx.option_error("ratio", f"auto: {exc}") from None
     jobs = int(opts["jobs"])
 
     base = ctx.export(graph)  # the model entering the pass (export cleans the graph up: analyze afterwards)
@@ -139,7 +143,7 @@ def run_auto(graph: gs.Graph, ctx: Context, report: Report, group_ratios) -> Rep
     scanned = [gid for gid, r in given.items() if r is None]
     fixed = {gid: float(r) for gid, r in given.items() if r is not None}
 
-    setup = _setup(base, ctx, opts, metric)
+    setup = _setup(base, ctx, opts, metric, prune, settings)
     start = time.perf_counter()
     tasks = [(None, 0.0)] + [(gid, r) for gid in scanned for r in candidates]
     quality = _scan(setup, tasks, jobs, ctx.progress)
@@ -153,25 +157,17 @@ def run_auto(graph: gs.Graph, ctx: Context, report: Report, group_ratios) -> Rep
         knee, how = choose_knee(x, envelope, FLAT_TOLERANCE[metric])
         curves[gid] = {"ratios": x, "quality": raw, "monotone": envelope, "knee": knee, "knee_rule": how}
 
-    counter = _Counter(base, opts, fixed)
+    counter = _Counter(base, prune, settings, fixed)
     chosen, budget = fit_budget(curves, targets, counter)
     for gid, r in chosen.items():
         curves[gid]["chosen"] = r
         curves[gid]["chosen_quality"] = curves[gid]["monotone"][x.index(r)]
 
     ratios = {**fixed, **chosen}
-    before = len(report.layers)
-    result = prune_graph(graph, ratios, criterion=opts["criterion"], multiple=opts["multiple"],
-                         min_channels=opts["min_channels"], calibration=ctx.calibration,
-                         session_factory=_ctx_session_factory(ctx), state=ctx.state, report=report,
-                         prune_dead=opts["dead"], export=ctx.export)
-    for change, row in zip(report.layers[before:], result.layers):
-        curve = curves.get(row["group"])
-        if curve is not None:
-            change.note += f"; auto ratio {curve['chosen']:g} (knee {curve['knee']:g})"
-        elif row["group"] in fixed:
-            change.note += f"; ratio {fixed[row['group']]:g} from --prune-layer"
-
+    opsets = list(ctx.template.opset_import) if ctx.template is not None else []
+    result = prune(graph, ratios, settings, calibration=ctx.calibration, session_factory=ctx.session, opsets=opsets)
+    notes = {gid: f"auto ratio {c['chosen']:g} (knee {c['knee']:g})" for gid, c in curves.items()}
+    notes.update({gid: f"ratio {r:g} from the layer option" for gid, r in fixed.items()})
     report.details["auto"] = curves
     report.details["auto_budget"] = budget
     report.details["auto_scan"] = dict(metric=metric, samples=setup.samples, candidates=len(tasks), jobs=jobs,
@@ -179,7 +175,7 @@ def run_auto(graph: gs.Graph, ctx: Context, report: Report, group_ratios) -> Rep
     report.details["auto_summary"] = render_curves(curves, metric, budget)
     if not budget["met"]:
         report.skip("*", "budget", budget["outcome"])
-    return report
+    return result, notes
 
 
 # ---------------------------------------------------------------- knee and budget
@@ -264,26 +260,22 @@ def fit_budget(curves: Mapping[str, Mapping[str, Any]], targets: Mapping[str, fl
 class _Counter:
     """Kept MACs/params fractions of a ratio set, measured on a pruned copy of the model (cached)."""
 
-    def __init__(self, base: onnx.ModelProto, opts: Mapping[str, Any], fixed: Mapping[str, float]):
+    def __init__(self, base: onnx.ModelProto, prune: Callable, settings: Any, fixed: Mapping[str, float]):
         self.base = base
-        self.opts = opts
+        self.prune = prune
+        # the count only depends on how many channels are kept: l1 selects the same counts as any criterion
+        self.settings = replace(settings, criterion="l1") if settings.criterion == "activation" else settings
         self.fixed = dict(fixed)
         stats = model_stats(base)
         self.macs, self.params = stats.macs, stats.params
         self.cache: dict[tuple, dict[str, float]] = {}
 
     def __call__(self, ratios: Mapping[str, float]) -> dict[str, float]:
-        from .prune import prune_graph
-
         full = {**self.fixed, **ratios}
         key = tuple(sorted(full.items()))
         if key not in self.cache:
             graph = to_graph(self.base)
-            criterion = self.opts["criterion"]
-            # the count only depends on how many channels are kept: l1 selects the same counts as any criterion
-            prune_graph(graph, full, criterion="l1" if criterion == "activation" else criterion,
-                        multiple=self.opts["multiple"], min_channels=self.opts["min_channels"],
-                        prune_dead=self.opts["dead"])
+            self.prune(graph, full, self.settings)
             stats = model_stats(to_model(graph, self.base))
             self.cache[key] = {"macs": stats.macs / self.macs if self.macs else 1.0,
                                "params": stats.params / self.params if self.params else 1.0}
@@ -297,8 +289,8 @@ class _Setup:
     """Everything a scan worker needs, picklable: model bytes, calibration arrays, base outputs, options."""
 
     def __init__(self, model: bytes, reference: bytes | None, arrays: dict[str, np.ndarray],
-                 labels: np.ndarray | None, batch_size: int, kept: dict[str, np.ndarray], metric: str,
-                 prune_options: dict[str, Any], recal_options: dict[str, Any]):
+                 labels: np.ndarray | None, batch_size: int, kept: KeptChannels, metric: str,
+                 prune: Callable, settings: Any, recal_options: dict[str, Any]):
         self.model = model
         self.reference = reference
         self.arrays = arrays
@@ -306,7 +298,8 @@ class _Setup:
         self.batch_size = batch_size
         self.kept = kept
         self.metric = metric
-        self.prune_options = prune_options
+        self.prune = prune
+        self.settings = settings
         self.recal_options = recal_options
         self.base_output: np.ndarray | None = None
 
@@ -315,7 +308,8 @@ class _Setup:
         return int(len(next(iter(self.arrays.values())))) if self.arrays else 0
 
 
-def _setup(base: onnx.ModelProto, ctx: Context, opts: Mapping[str, Any], metric: str) -> _Setup:
+def _setup(base: onnx.ModelProto, ctx: Context, opts: Mapping[str, Any], metric: str, prune: Callable,
+           settings: Any) -> _Setup:
     data = ctx.calibration.take(int(opts["auto_samples"])) if hasattr(ctx.calibration, "take") else ctx.calibration
     chunks: dict[str, list[np.ndarray]] = {}
     labels: list[np.ndarray] = []
@@ -327,41 +321,24 @@ def _setup(base: onnx.ModelProto, ctx: Context, opts: Mapping[str, Any], metric:
     if not chunks:
         raise OcompError("--prune-ratio auto: the calibration data is empty")
     arrays = {name: np.concatenate(parts) for name, parts in chunks.items()}
-    kept = {k: np.asarray(v).copy() for k, v in (ctx.state.get("kept_channels") or {}).items()}
+    kept = ctx.kept_channels.copy()
     recal = resolve_options("bnrecal", {})
     recal["samples"] = 10**9  # the scan subset is already cut
     setup = _Setup(base.SerializeToString(), ctx.reference.SerializeToString() if ctx.reference is not None else None,
                    arrays, np.concatenate(labels) if labels else None, int(getattr(data, "batch_size", 32)), kept,
-                   metric, dict(criterion=opts["criterion"], multiple=opts["multiple"],
-                                min_channels=opts["min_channels"], prune_dead=opts["dead"]), recal)
+                   metric, prune, settings, recal)
     setup.base_output = _Scanner(setup).run(base)
     return setup
 
 
-def _session(model: onnx.ModelProto | bytes, **options: Any):
-    """One-thread onnxruntime session (ocomp custom ops when the runtime is built): deterministic scan figures."""
-    options = {"intra_op_num_threads": 1, "inter_op_num_threads": 1, "log_severity_level": 3, **options}
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    try:
-        from ocomp.runtime import session
-    except ImportError:
-        session = None
-    if session is not None:
-        try:
-            return session(data, **options)
-        except (OSError, RuntimeError, AttributeError):  # runtime library not built: plain onnxruntime below
-            pass
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    for key, value in options.items():
-        setattr(so, key, value)
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+def _session(model: onnx.ModelProto | bytes):
+    """One-thread sessions: the scan's figures are bitwise the same whatever the number of jobs."""
+    return make_session(model, threads=1)
 
 
 class _ScanContext(Context):
-    def session(self, model, **session_options: Any):
-        return _session(model, **session_options)
+    def session(self, model):
+        return _session(model)
 
 
 class _Scanner:
@@ -378,20 +355,20 @@ class _Scanner:
 
     def quality(self, gid: str | None, ratio: float) -> float:
         from .bnrecal import BNRecal
-        from .prune import prune_graph
 
         setup = self.setup
-        state = {"kept_channels": {k: v.copy() for k, v in setup.kept.items()}}
+        kept = setup.kept.copy()
         model = self.model
         if gid is not None:
             graph = to_graph(model)
-            prune_graph(graph, {gid: ratio}, calibration=self.data, session_factory=_session, state=state,
-                        **setup.prune_options)
+            result = setup.prune(graph, {gid: ratio}, setup.settings, calibration=self.data,
+                                 session_factory=_session, opsets=list(model.opset_import))
+            kept.record(result.indices)
             model = to_model(graph, self.model)
         # bnrecal (adaptive BN + bias correction) as the pipeline runs it, with one-thread sessions
         graph = to_graph(model)
         ctx = _ScanContext(options=dict(setup.recal_options), calibration=self.data, reference=self.reference,
-                           template=model, state=state)
+                           template=model, kept_channels=kept)
         BNRecal().run(graph, ctx)
         return measure(setup.metric, self.run(to_model(graph, model)), setup.base_output, setup.labels)
 

@@ -42,7 +42,8 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-STANDARD_DOMAINS = (None, "", "ai.onnx")
+from ocomp.graph import attr, constant_value, input_at, is_empty, is_standard, rank_of, static_dims
+from ocomp.layers import Layer, kind_of, layer_of
 
 # Ops applied element-wise to one tensor (channel layout passes through).
 UNARY_OPS = frozenset({
@@ -55,23 +56,17 @@ BINARY_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", 
 POOL_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
 REDUCE_OPS = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2",
                         "ReduceProd", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp"})
-# Ops whose constant inputs are folded by `constant_value`.
-_FOLDABLE_CONST_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity", "Flatten"})
-
-# Consumer kinds (rewrite actions).
-CONV_OUT = "conv_out"        # Conv weight axis 0 and bias sliced by the output tensor's kept indices
-GEMM_OUT = "gemm_out"        # Gemm weight N axis and C sliced
-MATMUL_OUT = "matmul_out"    # MatMul weight axis 1 sliced
-CONV_IN = "conv_in"          # Conv weight axis 1 sliced by the input tensor's kept indices
-GEMM_IN = "gemm_in"          # Gemm weight K axis sliced
-MATMUL_IN = "matmul_in"      # MatMul weight axis 0 sliced
-DEPTHWISE = "depthwise"      # depthwise Conv: weight axis 0, bias, `group` attribute
+# Consumer kinds (rewrite actions). How a weighted layer slices its weight is the layer table's business
+# (ocomp/layers.py: Layer.take_out / take_in); the analysis only says which channels.
+LAYER_OUT = "layer_out"      # a weighted layer's output channels (weight and own bias) by its output's kept indices
+LAYER_IN = "layer_in"        # a group-1 weighted layer's input channels by its input's kept indices
+DEPTHWISE = "depthwise"      # depthwise Conv: weight, bias and `group` attribute by its input's kept indices
 NORM = "norm"                # BatchNormalization / InstanceNormalization parameters
 CONST = "const"              # a per-channel constant operand of an element-wise op
 RESHAPE = "reshape"          # the constant target shape of a Reshape
 RESIZE = "resize"            # the constant `sizes` of a Resize
-EXIT_KINDS = (CONV_IN, GEMM_IN, MATMUL_IN)  # where channels are summed away (dead-channel folding happens here)
-PRODUCER_KINDS = (CONV_OUT, GEMM_OUT, MATMUL_OUT)
+EXIT_KINDS = (LAYER_IN,)  # where channels are summed away (dead-channel folding happens here)
+PRODUCER_KINDS = (LAYER_OUT,)
 
 
 @dataclass(frozen=True)
@@ -221,91 +216,6 @@ class ChannelAnalysis:
 # ---------------------------------------------------------------- helpers
 
 
-def attr(node: gs.Node, name: str, default=None):
-    value = node.attrs.get(name, default)
-    if isinstance(value, bytes):
-        value = value.decode()
-    return value
-
-
-def rank_of(tensor: gs.Tensor) -> int | None:
-    shape = tensor.shape
-    return None if shape is None else len(shape)
-
-
-def static_dims(tensor: gs.Tensor) -> list | None:
-    """Shape with non-static dims as their symbol (str) or None."""
-    shape = tensor.shape
-    if shape is None:
-        return None
-    return [int(d) if isinstance(d, (int, np.integer)) and d >= 0 else (d if isinstance(d, str) else None)
-            for d in shape]
-
-
-def _is_empty(tensor: gs.Tensor | None) -> bool:
-    return tensor is None or (isinstance(tensor, gs.Variable) and tensor.name == "" and not tensor.inputs)
-
-
-def input_at(node: gs.Node, index: int) -> gs.Tensor | None:
-    if index >= len(node.inputs) or _is_empty(node.inputs[index]):
-        return None
-    return node.inputs[index]
-
-
-def constant_value(tensor: gs.Tensor | None, cache: dict | None = None) -> np.ndarray | None:
-    """Value of a constant tensor or of a small constant sub-expression (Reshape/Unsqueeze/... of constants)."""
-    if tensor is None:
-        return None
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    if cache is not None and tensor.name in cache:
-        return cache[tensor.name]
-    value = None
-    if len(tensor.inputs) == 1:
-        node = tensor.inputs[0]
-        if node.op == "Constant" and "value" in node.attrs:
-            v = node.attrs["value"]
-            value = np.asarray(v.values if isinstance(v, gs.Constant) else v)
-        elif node.op in _FOLDABLE_CONST_OPS and node.domain in STANDARD_DOMAINS and len(node.outputs) == 1:
-            args = [constant_value(t, cache) if not _is_empty(t) else None for t in node.inputs]
-            if args and args[0] is not None and all(a is not None or _is_empty(t)
-                                                    for a, t in zip(args, node.inputs)):
-                try:
-                    value = _fold(node, args)
-                except (ValueError, TypeError, IndexError):
-                    value = None
-    if cache is not None:
-        cache[tensor.name] = value
-    return value
-
-
-def _fold(node: gs.Node, args: list) -> np.ndarray | None:
-    x = args[0]
-    if node.op == "Identity":
-        return x
-    if node.op == "Cast":
-        import onnx
-
-        return x.astype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
-    if node.op == "Reshape":
-        shape = [int(d) for d in args[1]]
-        if not attr(node, "allowzero", 0):
-            shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
-        return x.reshape(shape)
-    if node.op == "Flatten":
-        axis = attr(node, "axis", 1) % max(x.ndim, 1)
-        return x.reshape(int(np.prod(x.shape[:axis])), -1)
-    axes = attr(node, "axes")
-    if axes is None and len(args) > 1 and args[1] is not None:
-        axes = [int(a) for a in args[1]]
-    if node.op == "Unsqueeze":
-        out_rank = x.ndim + len(axes)
-        return np.expand_dims(x, tuple(sorted(a % out_rank for a in axes)))
-    if node.op == "Squeeze":
-        return np.squeeze(x, tuple(a % x.ndim for a in axes)) if axes else np.squeeze(x)
-    return None
-
-
 def _axes_of(node: gs.Node, rank: int, cache: dict) -> list[int] | None:
     """The `axes` of a Reduce*/Squeeze/Unsqueeze/Slice/Pad node (attribute or input), normalized; None if unknown."""
     axes = attr(node, "axes")
@@ -394,23 +304,19 @@ class _Builder:
 
     def pin_inputs(self, node: gs.Node, reason: str) -> None:
         for t in node.inputs:
-            if not _is_empty(t):
+            if not is_empty(t):
                 self.pin(self.layouts.get(t.name), node, reason)
 
     # ------------------------------------------------------------ handlers
 
     def visit(self, node: gs.Node) -> None:
-        tracked = [t for t in node.inputs if not _is_empty(t) and t.name in self.layouts]
-        if node.domain not in STANDARD_DOMAINS:
+        tracked = [t for t in node.inputs if not is_empty(t) and t.name in self.layouts]
+        if not is_standard(node):
             self.pin_inputs(node, f"custom op {node.domain}.{node.op} is not understood by the channel analysis")
             return
         op = node.op
-        if op == "Conv":
-            return self.conv(node)
-        if op == "Gemm":
-            return self.gemm(node)
-        if op == "MatMul":
-            return self.matmul(node)
+        if kind_of(node) is not None:
+            return self.weighted(node)
         if not tracked:
             return
         if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
@@ -432,26 +338,40 @@ class _Builder:
     def _extra_outputs_used(self, node: gs.Node) -> bool:
         return any(o.outputs or any(o is g for g in self.graph.outputs) for o in node.outputs[1:])
 
-    def conv(self, node: gs.Node) -> None:
-        x, w_t, b_t = input_at(node, 0), input_at(node, 1), input_at(node, 2)
-        w = constant_value(w_t, self.cache)
+    def weighted(self, node: gs.Node) -> None:
+        """A layer of the layer table: its output channels are a new atom; a group-1 layer's input channels
+        are sliced with its input; a depthwise conv passes its input's channels through."""
+        x = input_at(node, 0)
         lx = self.layout(x)
-        if w is None or w.ndim < 3 or (b_t is not None and constant_value(b_t, self.cache) is None):
-            self.pin(lx, node, "Conv with a non-constant weight or bias")
+        layer = layer_of(node)
+        problem = _unusable(node, layer, self.cache)
+        if problem:
+            self.pin(lx, node, problem)
+            self.pin(self.layout(input_at(node, 1)), node, problem)
             return
-        if lx is not None and lx.axis != 1:
-            self.pin(lx, node, "Conv input tracked on a non-channel axis")
-            lx = None
-        group = int(attr(node, "group", 1))
-        cout, cin_g = w.shape[0], w.shape[1]
         y = node.outputs[0]
-        if group == 1:
+        ry = rank_of(y) or rank_of(x)
+        if layer.output_axis == 1:
+            in_axis, out_axis = 1, 1
+        elif ry is None:
+            return self.pin(lx, node, f"{node.op} of unknown rank")
+        else:
+            in_axis, out_axis = rank_of(x) - 1, ry - 1
+        if lx is not None and lx.axis != in_axis:
+            self.pin(lx, node, f"{node.op} input tracked on a non-channel axis")
+            lx = None
+        cout = layer.out_channels
+        if layer.groups == 1:
             if lx is not None:
-                self.act(node, CONV_IN, x.name)
+                self.act(node, LAYER_IN, x.name)
             atom = self.new_atom(node, cout)
-            self.act(node, CONV_OUT, y.name)
-            self.set_layout(y, Layout(1, (Segment(atom, cout),)))
-        elif cin_g == 1 and cout == group:
+            self.act(node, LAYER_OUT, y.name)
+            self.set_layout(y, Layout(out_axis, (Segment(atom, cout),)))
+            if node.op == "Gemm" and input_at(node, 2) is not None:
+                c = constant_value(input_at(node, 2), self.cache)
+                if not (c.size == 1 or (c.size == cout and c.shape[-1] == cout)):
+                    self.pin_atom(atom, node, "Gemm bias C is not a constant of N values")
+        elif layer.depthwise and node.op == "Conv":
             if lx is None:
                 return  # depthwise over channels that cannot change: its output cannot change either
             if lx.blocked() or lx.total != cout:
@@ -460,55 +380,14 @@ class _Builder:
             self.act(node, DEPTHWISE, x.name)
             self.set_layout(y, lx)
         else:
-            reason = (f"grouped Conv (group={group}) is left unchanged: whole-group pruning is not implemented"
-                      if cin_g > 1 else f"depthwise Conv with channel multiplier {cout // group} is left unchanged")
+            per_group = layer.in_channels // layer.groups
+            reason = (f"grouped {node.op} (group={layer.groups}) is left unchanged: whole-group pruning is not "
+                      "implemented" if per_group > 1 else
+                      f"depthwise {node.op} with channel multiplier {cout // layer.groups} is left unchanged")
             self.pin(lx, node, reason)
             atom = self.new_atom(node, cout)
             self.pin_atom(atom, node, reason)
-            self.set_layout(y, Layout(1, (Segment(atom, cout),)))
-
-    def gemm(self, node: gs.Node) -> None:
-        a, b_t, c_t = input_at(node, 0), input_at(node, 1), input_at(node, 2)
-        la = self.layout(a)
-        w = constant_value(b_t, self.cache)
-        if w is None or w.ndim != 2 or attr(node, "transA", 0):
-            self.pin(la, node, "Gemm with transA or a non-constant weight")
-            return
-        if la is not None:
-            if la.axis != 1:
-                self.pin(la, node, "Gemm input tracked on the batch axis")
-            else:
-                self.act(node, GEMM_IN, a.name)
-        trans_b = int(attr(node, "transB", 0))
-        n = w.shape[0] if trans_b else w.shape[1]
-        atom = self.new_atom(node, n)
-        y = node.outputs[0]
-        self.set_layout(y, Layout(1, (Segment(atom, n),)))
-        self.act(node, GEMM_OUT, y.name)
-        if c_t is not None:
-            c = constant_value(c_t, self.cache)
-            if c is None or not (c.size == 1 or (c.size == n and c.shape[-1] == n)):
-                self.pin_atom(atom, node, "Gemm bias C is not a constant of N values")
-
-    def matmul(self, node: gs.Node) -> None:
-        a, b_t = input_at(node, 0), input_at(node, 1)
-        la = self.layout(a)
-        w = constant_value(b_t, self.cache)
-        ra = rank_of(a)
-        if w is None or w.ndim != 2 or ra is None:
-            self.pin(la, node, "MatMul with a non-constant or batched weight")
-            self.pin(self.layout(b_t), node, "MatMul with a non-constant or batched weight")
-            return
-        if la is not None:
-            if la.axis != ra - 1:
-                self.pin(la, node, "MatMul input tracked on a non-feature axis")
-            else:
-                self.act(node, MATMUL_IN, a.name)
-        y = node.outputs[0]
-        ry = rank_of(y) or ra
-        atom = self.new_atom(node, w.shape[1])
-        self.set_layout(y, Layout(ry - 1, (Segment(atom, w.shape[1]),)))
-        self.act(node, MATMUL_OUT, y.name)
+            self.set_layout(y, Layout(out_axis, (Segment(atom, cout),)))
 
     def _norm(self, node: gs.Node, params: range) -> None:
         lx = self.layout(node.inputs[0])
@@ -531,7 +410,7 @@ class _Builder:
 
     def unary(self, node: gs.Node) -> None:
         lx = self.layout(node.inputs[0])
-        if lx is None or any(t.name in self.layouts for t in node.inputs[1:] if not _is_empty(t)):
+        if lx is None or any(t.name in self.layouts for t in node.inputs[1:] if not is_empty(t)):
             return self.pin_inputs(node, f"{node.op} with a tracked tensor as a parameter")
         if node.op == "Clip":
             for i in (1, 2):
@@ -783,6 +662,28 @@ class _Builder:
 
     def op_Size(self, node: gs.Node) -> None:
         self.pin_inputs(node, "Size reads the channel count")
+
+
+def _unusable(node: gs.Node, layer: Layer | None, cache: dict) -> str:
+    """Why the channel analysis cannot slice this weighted layer ('' when it can)."""
+    if layer is None:
+        return f"{node.op} with a non-constant weight"
+    shape = layer.weight_shape
+    if node.op in ("Conv", "ConvTranspose") and len(shape) < 3:
+        return f"{node.op} with a weight of rank {len(shape)}"
+    if node.op in ("Gemm", "MatMul") and len(shape) != 2:
+        return f"{node.op} with a batched weight"
+    if node.op == "Gemm" and attr(node, "transA", 0):
+        return "Gemm with transA"
+    if node.op == "ConvTranspose" and "output_shape" in node.attrs:
+        return "ConvTranspose with an output_shape attribute"
+    if node.op == "MatMul" and rank_of(node.inputs[0]) is None:
+        return "MatMul input of unknown rank"
+    bias_index = layer.kind.bias_index
+    bias = input_at(node, bias_index) if bias_index is not None else None
+    if bias is not None and constant_value(bias, cache) is None:
+        return f"{node.op} with a non-constant bias"
+    return ""
 
 
 def analyze(graph: gs.Graph) -> ChannelAnalysis:

@@ -1,11 +1,11 @@
 """Pass `foldbn`: fold inference-mode BatchNormalization into the weighted layer that feeds it.
 
-Folds a BN whose input is produced by a Conv, a Gemm (transB either way) or an
-ocomp TernaryConv / TernaryGemm / TernaryMatMul whose output has no other use:
+Folds a BN whose input is produced by a weighted layer with a bias input (Conv, ConvTranspose, Gemm,
+ocomp TernaryConv / TernaryGemm / TernaryMatMul: the layer table, ocomp/layers.py) whose output has no
+other use:
 
     s = gamma / sqrt(var + eps),  t = beta - mean * s
-    Conv/Gemm: W' = W * s (per output channel), b' = b * s + t
-    Ternary*:  alpha' = alpha * s (T unchanged; alpha may turn negative), b' = b * s + t
+    W' = W * s (per output channel; a ternary op's alpha, which may turn negative), b' = b * s + t
 
 Meant to run last (`--passes prune,ternary,bnrecal,foldbn`), after bnrecal has
 recalibrated the BN statistics. The folded layer takes over the BN's output name.
@@ -17,24 +17,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ocomp.graph import STANDARD_DOMAINS, const_value, input_at, is_graph_output, producer, unique_name
-from ocomp.model import CUSTOM_DOMAIN
+from ocomp.graph import constant_value, input_at, is_graph_output, is_standard, producer
+from ocomp.layers import Layer, layer_of
 from ocomp.pipeline import Context, Pass, Report, register
-
-TERNARY_OPS = ("TernaryConv", "TernaryGemm", "TernaryMatMul")
-
-
-def constant(tensor: gs.Tensor | None) -> np.ndarray | None:
-    """const_value, also through Identity nodes (PyTorch's exporter dedupes equal initializers that way)."""
-    for _ in range(8):
-        value = const_value(tensor)
-        if value is not None or tensor is None:
-            return value
-        node = producer(tensor)
-        if node is None or node.op != "Identity" or node.domain not in STANDARD_DOMAINS:
-            return None
-        tensor = node.inputs[0]
-    return None
 
 
 def bn_affine(graph: gs.Graph, bn: gs.Node) -> tuple[np.ndarray, np.ndarray] | str:
@@ -43,7 +28,7 @@ def bn_affine(graph: gs.Graph, bn: gs.Node) -> tuple[np.ndarray, np.ndarray] | s
         return "training_mode=1"
     if any(o.outputs or is_graph_output(graph, o) for o in bn.outputs[1:]):
         return "its running-statistics outputs are used"
-    params = [constant(input_at(bn, i)) for i in range(1, 5)]
+    params = [constant_value(input_at(bn, i)) for i in range(1, 5)]
     if any(p is None for p in params):
         return "its scale/bias/mean/var are not constants"
     gamma, beta, mean, var = (np.asarray(p, dtype=np.float64).reshape(-1) for p in params)
@@ -60,103 +45,56 @@ def sole_bn_consumer(graph: gs.Graph, node: gs.Node) -> gs.Node | None:
     if len(out.outputs) != 1 or is_graph_output(graph, out):
         return None
     bn = out.outputs[0]
-    if bn.op != "BatchNormalization" or bn.domain not in STANDARD_DOMAINS or bn.inputs[0] is not out:
+    if bn.op != "BatchNormalization" or not is_standard(bn) or bn.inputs[0] is not out:
         return None
     return bn
 
 
-def _out_channels(node: gs.Node) -> int | None:
-    if node.domain == CUSTOM_DOMAIN:
-        return int(node.attrs["weight_shape"][0])
-    weight = const_value(input_at(node, 1))
-    if weight is None:
-        return None
-    if node.op == "Conv":
-        return int(weight.shape[0])
-    return int(weight.shape[0] if int(node.attrs.get("transB", 0)) else weight.shape[1])
-
-
-def foldable_reason(graph: gs.Graph, layer: gs.Node, bn: gs.Node) -> str | None:
-    """Why `bn` cannot be folded into `layer` (None when it can)."""
-    is_ternary = layer.domain == CUSTOM_DOMAIN and layer.op in TERNARY_OPS
-    if not is_ternary and not (layer.op in ("Conv", "Gemm") and layer.domain in STANDARD_DOMAINS):
-        return f"its input comes from {layer.op}, not a Conv/Gemm/Ternary* layer"
-    if sole_bn_consumer(graph, layer) is not bn:
-        return f"the output of {layer.name} has other consumers"
-    if not is_ternary and const_value(input_at(layer, 1)) is None:
-        return f"the weight of {layer.name} is not a constant"
-    bias = input_at(layer, 3 if is_ternary else 2)
-    if bias is not None and constant(bias) is None:
-        return f"the bias of {layer.name} is not a constant"
-    if layer.op == "TernaryMatMul":
-        shape = layer.outputs[0].shape
+def foldable_reason(graph: gs.Graph, node: gs.Node, bn: gs.Node) -> str | None:
+    """Why `bn` cannot be folded into `node` (None when it can)."""
+    layer = layer_of(node)
+    if layer is None:
+        return f"its input comes from {node.op}, not a weighted layer with a constant weight"
+    if layer.kind.bias_index is None:
+        return f"{node.op} has no bias input to take the BN's shift"
+    if sole_bn_consumer(graph, node) is not bn:
+        return f"the output of {node.name} has other consumers"
+    bias = input_at(node, layer.kind.bias_index)
+    if bias is not None:
+        value = constant_value(bias)
+        if value is None:
+            return f"the bias of {node.name} is not a constant"
+        if np.asarray(value).size not in (1, layer.out_channels) or np.asarray(value).ndim > 2:
+            return "the bias is not a per-output vector"
+    if layer.output_axis != 1:
+        shape = node.outputs[0].shape
         if shape is None or len(shape) != 2:
-            return "TernaryMatMul output is not 2-D, so BN's channel axis is not its output axis"
-    channels = _out_channels(layer)
-    if channels is None:
-        return "cannot tell the layer's output channels"
+            return f"{node.op} output is not 2-D, so BN's channel axis is not its output axis"
     affine = bn_affine(graph, bn)
     if isinstance(affine, str):
         return affine
-    if affine[0].size != channels:
-        return f"BN has {affine[0].size} channels, the layer {channels}"
-    if layer.op == "Gemm" and bias is not None:
-        if np.asarray(constant(bias)).size not in (1, channels) or np.asarray(constant(bias)).ndim > 2:
-            return "the Gemm bias C is not a per-output vector"
+    if affine[0].size != layer.out_channels:
+        return f"BN has {affine[0].size} channels, the layer {layer.out_channels}"
     return None
 
 
-def set_input(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray, base: str) -> None:
-    """Give `node` a constant input at `index`: updated in place when only `node` uses it, else a new one."""
-    current = input_at(node, index)
-    if isinstance(current, gs.Constant) and len(current.outputs) == 1:
-        current.values = values
-        return
-    const = gs.Constant(unique_name(graph, base), values)
-    while len(node.inputs) < index:
-        node.inputs.append(gs.Variable.empty())
-    if len(node.inputs) == index:
-        node.inputs.append(const)
-    else:
-        node.inputs[index] = const
-
-
-def fold_bn(graph: gs.Graph, layer: gs.Node, bn: gs.Node) -> None:
-    """Fold `bn` into `layer` (check foldable_reason first); the layer takes over the BN's output."""
+def fold_bn(graph: gs.Graph, node: gs.Node, bn: gs.Node) -> Layer:
+    """Fold `bn` into `node` (check foldable_reason first); the layer takes over the BN's output."""
     scale, shift = bn_affine(graph, bn)  # type: ignore[misc]
-    name = layer.name or layer.outputs[0].name
-    if layer.domain == CUSTOM_DOMAIN:
-        alpha = np.asarray(const_value(layer.inputs[2]), dtype=np.float64)
-        bias = constant(input_at(layer, 3))
-        bias = np.zeros_like(scale) if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
-        set_input(graph, layer, 2, (alpha * scale).astype(np.float32), f"{name}.alpha")
-        set_input(graph, layer, 3, (bias * scale + shift).astype(np.float32), f"{name}.bias")
-    else:
-        weight = np.asarray(const_value(layer.inputs[1]))
-        dtype = weight.dtype
-        w = weight.astype(np.float64)
-        bias = constant(input_at(layer, 2))
-        bias = np.zeros_like(scale) if bias is None else np.asarray(bias, dtype=np.float64)
-        if layer.op == "Conv":
-            w = w * scale.reshape(-1, *([1] * (w.ndim - 1)))
-            bias = bias.reshape(-1)
-        else:  # Gemm: alpha/beta are folded into the new weight and bias
-            w = w * float(layer.attrs.get("alpha", 1.0))
-            w = w * (scale[:, None] if int(layer.attrs.get("transB", 0)) else scale[None, :])
-            bias = np.broadcast_to(bias.reshape(-1), scale.shape) * float(layer.attrs.get("beta", 1.0))
-            layer.attrs["alpha"] = 1.0
-            layer.attrs["beta"] = 1.0
-        set_input(graph, layer, 1, w.astype(dtype), f"{name}.weight")
-        set_input(graph, layer, 2, (bias * scale + shift).astype(dtype), f"{name}.bias")
+    layer = layer_of(node)
+    bias = layer.bias(graph)
+    layer.scale_outputs(graph, scale)
+    layer.set_bias(graph, bias * scale + shift)
     out = bn.outputs[0]
     bn.outputs.clear()
     bn.inputs.clear()
-    layer.outputs = [out]
+    node.outputs = [out]
+    return layer
 
 
 @register
 class FoldBN(Pass):
-    """Fold BatchNormalization into the preceding Conv/Gemm/Ternary* layer (run it last, after bnrecal)."""
+    """Fold BatchNormalization into the preceding weighted layer (run it last, after bnrecal)."""
 
     name = "foldbn"
     options = ()
@@ -165,18 +103,16 @@ class FoldBN(Pass):
     def run(self, graph: gs.Graph, ctx: Context) -> Report:
         report = Report(self.name)
         folded = 0
-        for bn in [n for n in graph.nodes if n.op == "BatchNormalization" and n.domain in STANDARD_DOMAINS]:
+        for bn in [n for n in graph.nodes if n.op == "BatchNormalization" and is_standard(n)]:
             name = bn.name or bn.outputs[0].name
-            layer = producer(bn.inputs[0])
-            reason = "its input is a graph input or constant" if layer is None else foldable_reason(graph, layer,
-                                                                                                      bn)
+            node = producer(bn.inputs[0])
+            reason = "its input is a graph input or constant" if node is None else foldable_reason(graph, node, bn)
             if reason is not None:
                 report.skip(name, bn.op, reason)
                 continue
-            channels = _out_channels(layer)
-            fold_bn(graph, layer, bn)
+            layer = fold_bn(graph, node, bn)
             folded += 1
-            report.change(name, "BatchNormalization", f"after {layer.op}", f"folded into {layer.name}",
-                          4 * channels, 0, note=f"{layer.op} {layer.name}")
+            report.change(name, "BatchNormalization", f"after {node.op}", f"folded into {node.name}",
+                          4 * layer.out_channels, 0, note=f"{node.op} {node.name}")
         report.details["folded"] = folded
         return report

@@ -7,7 +7,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ocomp.model import infer_shapes, to_graph
-from ocomp.passes.channels import CONV_IN, DEPTHWISE, GEMM_IN, NORM, RESHAPE, analyze
+from ocomp.passes.channels import DEPTHWISE, LAYER_IN, NORM, RESHAPE, analyze
 
 RNG = np.random.default_rng(0)
 
@@ -64,7 +64,7 @@ def test_chain_groups_with_bn_and_relu():
     c1 = groups["c1"]
     assert c1.size == 8 and c1.pinned is None
     assert [p.name for p in c1.producers] == ["c1"]
-    assert {(c.node.name, c.kind) for c in c1.consumers if c.kind in (NORM, CONV_IN)} == {("bn1", NORM), ("c2", CONV_IN)}
+    assert {(c.node.name, c.kind) for c in c1.consumers if c.kind in (NORM, LAYER_IN)} == {("bn1", NORM), ("c2", LAYER_IN)}
     assert ("r1", 1) in c1.members
     assert groups["c2"].pinned and "graph output" in groups["c2"].pinned
 
@@ -122,7 +122,7 @@ def test_flatten_gives_blocks_to_gemm():
     w = g.init("fc.w", RNG.normal(size=(2, 5 * 16)))
     out = g.node("Gemm", [f, w], "fc", transB=1)
     analysis, groups = groups_of(g.model(out))
-    assert any(c.kind == GEMM_IN and c.node.name == "fc" for c in groups["a"].consumers)
+    assert any(c.kind == LAYER_IN and c.node.name == "fc" for c in groups["a"].consumers)
     assert analysis.position_matrix("flat", "a", [2]).tolist() == [list(range(32, 48))]
 
 

@@ -279,7 +279,7 @@ def test_compare_identical_models_is_exact(tmp_path: Path, model_path: Path) -> 
     report = json.loads(result.output)
     assert report["samples"] == 4
     logits = report["outputs"]["logits"]
-    assert logits["max_abs"] == 0.0 and logits["top1_agreement"] == 1.0 and logits["cosine"] == pytest.approx(1.0)
+    assert logits["max_abs"] == 0.0 and logits["agreement"] == 1.0 and logits["cosine"] == pytest.approx(1.0)
 
 
 def test_compare_detects_difference(tmp_path: Path, model_path: Path) -> None:

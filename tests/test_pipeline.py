@@ -68,7 +68,7 @@ def test_option_conversion_from_strings_and_values() -> None:
     assert resolve_options("test_scale_bias", None)["factor"] == 2.0
     with pytest.raises(UsageError, match="has no option 'nope'; its options: enabled, factor, layer, skip"):
         resolve_options("test_scale_bias", {"nope": 1})
-    with pytest.raises(UsageError, match="--test_scale_bias-layer"):
+    with pytest.raises(UsageError, match="option 'layer' of pass 'test_scale_bias'"):
         resolve_options("test_scale_bias", {"layer": ["conv1=1.5"]})
     with pytest.raises(UsageError, match="expected true/false"):
         resolve_options("test_scale_bias", {"enabled": 3})

@@ -13,9 +13,11 @@ from onnx import TensorProto, helper, numpy_helper
 import zoo
 from ocomp.errors import UsageError
 from ocomp.model import infer_shapes, load_model, signature, to_graph, to_model
-from ocomp.passes.channels import (CONV_OUT, DEPTHWISE, GEMM_OUT, MATMUL_OUT, NORM, PRODUCER_KINDS, analyze)
-from ocomp.passes.prune import _plain_session, prune_graph
-from ocomp.pipeline import resolve_options, run_passes
+from ocomp.layers import layer_of
+from ocomp.passes.channels import DEPTHWISE, NORM, PRODUCER_KINDS, analyze
+from ocomp.passes.prune import prune_graph
+from ocomp.session import make_session
+from ocomp.pipeline import KeptChannels, resolve_options, run_passes
 
 REL_TOL = 1e-5  # dead-channel removal is exact up to float32 summation order
 
@@ -27,8 +29,8 @@ def prepared(model: onnx.ModelProto) -> onnx.ModelProto:
     return infer_shapes(model)
 
 
-def prune(model: onnx.ModelProto, state: dict | None = None, calibration=None, **options):
-    result = run_passes(model, ["prune"], {"prune": options}, state=state, calibration=calibration)
+def prune(model: onnx.ModelProto, state: KeptChannels | None = None, calibration=None, **options):
+    result = run_passes(model, ["prune"], {"prune": options}, kept_channels=state, calibration=calibration)
     return result.model, result.reports[0]
 
 
@@ -92,8 +94,7 @@ def zero_channels(model: onnx.ModelProto, chosen: dict[str, np.ndarray]) -> onnx
         for c in analysis.group(gid).consumers:
             inputs = c.node.inputs
             if c.kind in PRODUCER_KINDS:
-                trans_b = c.node.attrs.get("transB", 0)
-                zero(inputs[1], chans, {CONV_OUT: 0, MATMUL_OUT: 1, GEMM_OUT: 0 if trans_b else 1}[c.kind])
+                zero(inputs[1], chans, layer_of(c.node).kind.out_axis(c.node))
                 if len(inputs) > 2:  # bias: channels on its last axis
                     zero(inputs[2], chans, inputs[2].values.ndim - 1)
             elif c.kind in (NORM, DEPTHWISE):  # BN gamma and beta; depthwise weight rows and bias
@@ -119,7 +120,7 @@ def test_dead_channels_removed_exactly(zoo_model):
         chosen[g.id] = np.sort(rng.choice(g.size, size=n, replace=False))
     assert chosen, "every zoo model has prunable groups"
     dead = prepared(zero_channels(model, chosen))
-    state: dict = {}
+    state = KeptChannels()
     pruned, report = prune(dead, state, ratio=0.5)
 
     feeds = zoo.random_input(dead, batch=3, seed=5)
@@ -130,7 +131,7 @@ def test_dead_channels_removed_exactly(zoo_model):
         kept = np.setdiff1d(np.arange(analysis.group(gid).size), chans)
         for c in analysis.group(gid).consumers:
             if c.kind in PRODUCER_KINDS:
-                np.testing.assert_array_equal(state["kept_channels"][c.tensor], kept)
+                np.testing.assert_array_equal(state.by_tensor[c.tensor], kept)
 
 
 # ---------------------------------------------------------------- validity and counts
@@ -180,16 +181,16 @@ def test_ratio_zero_is_identity(zoo_model):
 
 def test_pruning_twice_composes():
     model = prepared(zoo.build("resnet", folded=True))
-    state: dict = {}
+    state = KeptChannels()
     once, first = prune(model, state, ratio=0.3)
-    kept_once = {k: v.copy() for k, v in state["kept_channels"].items()}
+    kept_once = {k: v.copy() for k, v in state.by_tensor.items()}
     twice, second = prune(once, state, ratio=0.3)
     assert second.totals["params_after"] < first.totals["params_after"] < first.totals["params_before"]
 
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     final = {i.name: numpy_helper.to_array(i) for i in twice.graph.initializer}
     stem = next(n for n in model.graph.node if n.name == "stem.conv")
-    kept = state["kept_channels"][stem.output[0]]
+    kept = state.by_tensor[stem.output[0]]
     assert len(kept) == expected_kept(expected_kept(16, 0.3), 0.3)
     assert set(kept) <= set(kept_once[stem.output[0]])
     # the stem's input is the graph input: its final weight is the original's kept rows
@@ -241,7 +242,7 @@ def test_skip_and_layer_overrides():
     assert channels["layer1.0.conv1"] == 8
     assert channels["layer2.1.conv1"] == 24
     assert channels["stem.conv"] == channels["layer1.0.conv2"] == 12  # one residual group
-    assert any(s.name == "layer2.0.conv1" and "--prune-skip" in s.reason for s in report.skipped)
+    assert any(s.name == "layer2.0.conv1" and "skipped by the skip option" in s.reason for s in report.skipped)
 
 
 def test_min_channels_floor():
@@ -258,7 +259,7 @@ def test_option_parsing_and_errors():
     assert resolve_options("prune", {"layer": {"layer1.0.conv1": 0.5}})["layer"] == (("layer1.0.conv1", 0.5),)
     with pytest.raises(UsageError, match="auto"):
         prune(model, ratio="auto")
-    with pytest.raises(UsageError, match="no Conv/Gemm/MatMul layer or channel group named 'nope'"):
+    with pytest.raises(UsageError, match="option 'layer' of pass 'prune': no weighted layer or channel group named 'nope'"):
         prune(model, layer=["nope=0.5"])
     with pytest.raises(UsageError, match="share one channel group"):
         prune(model, layer=["stem.conv=0.5", "layer1.0.conv2=0.25"])
@@ -284,9 +285,9 @@ def _two_conv_model(w1: np.ndarray) -> onnx.ModelProto:
 
 
 def _kept_of(model, state_key, **options):
-    state: dict = {}
+    state = KeptChannels()
     prune(model, state, **options)
-    return state["kept_channels"][state_key].tolist()
+    return state.by_tensor[state_key].tolist()
 
 
 def test_l1_and_l2_rank_differently():
@@ -317,9 +318,9 @@ def test_activation_criterion_keeps_largest_mean_activation():
     probe.graph.output.append(helper.make_empty_tensor_value_info("features.2.bn.output"))
     act = zoo.run(probe, feeds)[1]
     score = np.abs(act).mean(axis=(0, 2, 3))
-    state: dict = {}
+    state = KeptChannels()
     prune(model, state, calibration=[feeds], ratio=0.5, criterion="activation")
-    assert state["kept_channels"]["features.2.bn.output"].tolist() == sorted(np.argsort(-score)[:16].tolist())
+    assert state.by_tensor["features.2.bn.output"].tolist() == sorted(np.argsort(-score)[:16].tolist())
 
 
 # ---------------------------------------------------------------- constant (non-zero) channels
@@ -357,9 +358,9 @@ def test_nonzero_constant_channel_not_folded_through_padding():
     assert report.details["dead_channels_removed"] == 0
     assert out_channels(pruned)["c1"] == 4
     pruned, _ = prune(model, ratio=0.25)  # still first in the ranking (l1 = 0)
-    state: dict = {}
+    state = KeptChannels()
     prune(model, state, ratio=0.25)
-    assert state["kept_channels"]["h"].tolist() == [0, 1, 3]
+    assert state.by_tensor["h"].tolist() == [0, 1, 3]
 
 
 def test_prune_graph_api_takes_group_ratios():
@@ -429,7 +430,7 @@ def test_cli_compare_dead_channels_exact(tmp_model_path, tmp_path, monkeypatch):
     from ocomp.cli import main
 
     if not hasattr(ocomp.runtime, "session"):  # the custom-op runtime is not built: these models need none
-        monkeypatch.setattr(ocomp.runtime, "session", lambda model, **_: _plain_session(model), raising=False)
+        monkeypatch.setattr(ocomp.runtime, "session", lambda model, **_: make_session(model), raising=False)
     model = prepared(zoo.build("mobilenetv2"))
     chosen = {g.id: np.arange(0, g.size, 2) for g in prunable_groups(model)}
     src = tmp_model_path(zero_channels(model, chosen), "dead.onnx")

@@ -1,0 +1,101 @@
+"""Channel importance: how much each channel of a channel group matters, by one of the criteria.
+
+- l1 / l2: norms of each producer's output rows (the layer table's matrix view), normalized per producer
+  by their mean and summed over the group's producers;
+- bn: |gamma| of the group's BatchNorms (falls back to l1 where a group has none, and says so);
+- activation: mean |activation| of each producer's output on calibration data (measured with the
+  calibration sweep, ocomp/sweep.py).
+
+`select_channels` turns scores into the kept indices of a group.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ocomp.graph import constant_value, input_at
+from ocomp.layers import layer_of
+from ocomp.sweep import Calibration, Sweep
+
+from . import channels as ch
+from .channels import ChannelAnalysis, ChannelGroup
+
+CRITERIA = ("l1", "l2", "bn", "activation")
+
+
+def _normalized(score: np.ndarray) -> np.ndarray:
+    score = np.asarray(score, dtype=np.float64)
+    mean = score.mean() if score.size else 0.0
+    return score / mean if mean > 0 else score
+
+
+def weight_scores(node: gs.Node, p: int) -> np.ndarray:
+    """L1 (p=1) or L2 norm of each output channel's weights."""
+    rows = np.abs(layer_of(node).rows())
+    return rows.sum(axis=1) if p == 1 else np.sqrt((rows ** 2).sum(axis=1))
+
+
+def scores(group: ChannelGroup, analysis: ChannelAnalysis, criterion: str,
+           activations: Mapping[str, np.ndarray] | None) -> tuple[np.ndarray, str, str]:
+    """Importance of each channel of `group` (the sum over its members of their normalized scores), the
+    criterion actually used and a note saying why it differs from `criterion`."""
+    producers = [c for c in group.consumers if c.kind in ch.PRODUCER_KINDS]
+    total = np.zeros(group.size)
+    note = ""
+    if criterion == "bn":
+        norms = [c for c in group.consumers if c.kind == ch.NORM and c.node.op == "BatchNormalization"]
+        for c in norms:
+            gamma = np.abs(np.asarray(constant_value(input_at(c.node, 1)), dtype=np.float64))
+            total += _normalized(gamma[analysis.position_matrix(c.tensor, group.id)].mean(axis=1))
+        if norms:
+            return total, criterion, note
+        criterion, note = "l1", "no BatchNormalization in the group: l1 used"
+    if criterion == "activation":
+        for c in producers:
+            total += _normalized(activations[c.tensor])
+        return total, criterion, note
+    for c in producers:
+        total += _normalized(weight_scores(c.node, 1 if criterion == "l1" else 2))
+    return total, criterion, note
+
+
+def activation_scores(graph: gs.Graph, analysis: ChannelAnalysis, group_ids, calibration: Any,
+                      session_factory: Callable | None = None, opsets=()) -> dict[str, np.ndarray]:
+    """Mean |activation| per channel of every producer output of the given groups, on the calibration data,
+    in one forward sweep."""
+    wanted: dict[str, int] = {}
+    for gid in group_ids:
+        group = analysis.group(gid)
+        if group.pinned:
+            continue
+        for c in group.consumers:
+            if c.kind in ch.PRODUCER_KINDS:
+                wanted[c.tensor] = analysis.layouts[c.tensor].axis
+    means: dict[str, np.ndarray] = {}
+    graph.toposort()
+    order = {t.name: i for i, n in enumerate(graph.nodes) for t in n.outputs}
+    with Sweep(graph, Calibration.read(calibration), session_factory, opsets=opsets) as sweep:
+        for name in sorted(wanted, key=lambda t: order.get(t, 0)):
+            value = sweep.get([name])[name]
+            axis = wanted[name] % value.ndim
+            reduce = tuple(i for i in range(value.ndim) if i != axis)
+            means[name] = np.abs(value).mean(axis=reduce, dtype=np.float64)
+    return means
+
+
+def select_channels(scores: np.ndarray, dead: np.ndarray, ratio: float, multiple: int = 1,
+                    min_channels: int = 1) -> np.ndarray:
+    """Sorted indices of the channels to keep: dead ones go first, then the lowest scores."""
+    size = len(scores)
+    remove = int(math.floor(ratio * size + 0.5))
+    keep = size - max(remove, int(dead.sum()))
+    if multiple > 1:
+        keep = min(size, int(math.ceil(keep / multiple)) * multiple)
+    keep = min(size, max(keep, min_channels))
+    # lexsort: last key first -> dead (False sorts first) then ascending score then index
+    order = np.lexsort((np.arange(size), np.asarray(scores, dtype=np.float64), ~dead))
+    return np.sort(order[size - keep:])

@@ -1,0 +1,269 @@
+"""Least-squares layer reconstruction (feature-map reconstruction: ThiNet, Luo et al. 2017; He et al. 2017).
+
+A layer whose input channels were pruned, or a ternary op, gets the weights W (and bias b) that make its
+output on the *current* input X (im2col of a Conv's input; already pruned and repaired upstream) closest to
+the original model's output Y at the same tensor:
+
+    [W; b] = argmin ||X W + b - Y||^2 + lambda ||W - W0||^2,   lambda = RIDGE * mean(diag(X^T X)),
+
+solved from X^T X and X^T Y. The ridge term pulls towards the layer's current (pruned) weights W0 rather
+than towards zero: when the removed channels were dead, W0 fits exactly and is kept exactly, whatever
+lambda; the bias is not regularized.
+
+Ternary ops are fitted the same way in float, then the fitted W is ternarized again per output channel
+(the exact least-squares ternarization of passes/ternary.py) and, with T fixed, each channel's alpha and
+bias are solved exactly from the same sums (a 2x2 system a channel). A re-fit that would not lower the
+layer's error on the calibration data is not applied.
+
+Precision: each batch's X^T X and X^T Y are products of float32 rows (BLAS sgemm, relative error ~1e-7 per
+batch), summed across batches in float64, where the solve and the error figures need the range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ocomp.graph import constant_value, input_at, is_standard, sorted_nodes
+from ocomp.layers import Layer, Unsupported, layer_of
+from ocomp.pipeline import Report
+
+from .ternary import ternarize_optimal
+
+MAX_FEATURES = 4608  # larger layers (e.g. VGG's 25088-input classifier) are not re-fitted: X^T X would not fit
+RIDGE = 1e-3  # lambda relative to the mean diagonal of X^T X (the mean squared input feature)
+ROWS_PER_BATCH = 4096  # im2col rows a batch at most (spatial positions subsampled deterministically)
+FITTED_OPS = ("Conv", "Gemm", "MatMul")  # float ops (or the float op a ternary op computes) that are re-fitted
+
+
+class Equations:
+    """Normal equations of one layer: X^T X, X^T Y (float64 sums) and sum(Y^2), X's ones column appended."""
+
+    def __init__(self) -> None:
+        self.xtx: np.ndarray | None = None
+        self.xty: np.ndarray | None = None
+        self.yy = 0.0
+        self.rows = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        x = np.concatenate([np.asarray(x, np.float32), np.ones((len(x), 1), np.float32)], axis=1)
+        y = np.asarray(y, np.float32)
+        xtx, xty = (x.T @ x).astype(np.float64), (x.T @ y).astype(np.float64)
+        if self.xtx is None:
+            self.xtx, self.xty = xtx, xty
+        else:
+            self.xtx += xtx
+            self.xty += xty
+        self.yy += float(np.sum(np.square(y, dtype=np.float64)))
+        self.rows += len(x)
+
+    def error(self, theta: np.ndarray) -> float:
+        """||X theta - Y||^2 / ||Y||^2 from the accumulated sums."""
+        sse = float(np.sum(theta * (self.xtx @ theta)) - 2 * np.sum(theta * self.xty)) + self.yy
+        return max(sse, 0.0) / max(self.yy, 1e-30)
+
+
+@dataclass
+class Fit:
+    """One layer to re-fit: its input tensor in the current model, its output tensor in the reference."""
+
+    layer: Layer
+    x: str  # input tensor of the current model
+    y: str  # the same layer's output tensor in the reference model
+    out_kept: np.ndarray | None  # reference output channels kept here
+    bias: str  # "own": has a bias (or MatMul's bias Add); "new": add one; "drop": a BN follows; "none"
+    conv: dict | None = None  # a Conv's explicit kernel_shape, strides, pads (begins + ends), dilations
+    ternary: np.ndarray | None = None  # the new T of a ternary op, (outputs, features)
+    alpha: np.ndarray | None = None  # and its new alpha
+
+    @property
+    def node(self) -> gs.Node:
+        return self.layer.node
+
+    def rows(self, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This batch's rows of X (im2col for a Conv) and of Y (output channels mapped to the kept ones)."""
+        if self.conv is not None:
+            cols, y = self._im2col(np.asarray(x, np.float32), np.asarray(y), batch)
+        else:
+            cols = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+            axis = 1 if self.layer.output_axis == 1 else y.ndim - 1
+            y = np.moveaxis(y, axis, -1).reshape(-1, y.shape[axis])
+        if self.out_kept is not None:
+            y = y[:, self.out_kept]
+        return cols, np.asarray(y, np.float32)
+
+    def _im2col(self, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        _, channels, kh, kw = self.layer.weight_shape
+        b = x.shape[0]
+        oh, ow = y.shape[2:]
+        sh, sw = self.conv["strides"]
+        dh, dw = self.conv["dilations"]
+        top, left, bottom, right = self.conv["pads"]
+        positions = b * oh * ow
+        if positions > ROWS_PER_BATCH:  # deterministic subsample: the same rows on every run
+            chosen = np.sort(np.random.default_rng(batch).choice(positions, ROWS_PER_BATCH, replace=False))
+        else:
+            chosen = np.arange(positions)
+        bi, hi, wi = np.unravel_index(chosen, (b, oh, ow))
+        padded = np.pad(x[np.unique(bi)], ((0, 0), (0, 0), (top, bottom), (left, right)))
+        bi_local = np.searchsorted(np.unique(bi), bi)
+        cols = np.empty((len(chosen), channels, kh, kw), np.float32)
+        for i in range(kh):
+            for j in range(kw):
+                cols[:, :, i, j] = padded[bi_local, :, hi * sh + i * dh, wi * sw + j * dw]
+        return cols.reshape(len(chosen), -1), y[bi, :, hi, wi]
+
+    def current(self, graph: gs.Graph) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's effective weights as (features, outputs) and its effective bias."""
+        return self.layer.rows().T, self.layer.bias(graph)
+
+    def solve(self, graph: gs.Graph, eq: Equations, report: Report) -> None:
+        node = self.node
+        weight, bias = self.current(graph)
+        features, outputs = weight.shape
+        if eq.xty.shape[1] != outputs:
+            report.skip(node.name, node.op, f"{outputs} outputs here, {eq.xty.shape[1]} mapped from the reference")
+            return
+        before = eq.error(np.vstack([weight, bias[None]]))
+        lam = RIDGE * max(float(np.mean(np.diag(eq.xtx)[:features])), 1e-12)
+        reg = np.full(features + 1, lam)
+        reg[-1] = 0.0  # the bias is not regularized
+        intercept = self.bias != "none"  # without a bias to fit, the ones column is dropped
+        a = eq.xtx + np.diag(reg)
+        rhs = eq.xty + reg[:, None] * np.vstack([weight, np.zeros((1, outputs))])
+        keep = slice(None) if intercept else slice(0, features)
+        try:
+            theta = np.linalg.solve(a[keep, keep], rhs[keep])
+        except np.linalg.LinAlgError:
+            theta = np.linalg.lstsq(a[keep, keep], rhs[keep], rcond=None)[0]
+        if not intercept:
+            theta = np.vstack([theta, np.zeros((1, outputs))])
+        if self.layer.ternary:
+            theta = self._ternary_theta(theta[:features], eq, intercept)
+        after = eq.error(theta)
+        if after > before + 1e-9:  # (a float fit cannot be worse; an exact fit can round either way)
+            report.skip(node.name, node.op, f"not reconstructed: the re-fit would not lower the error "
+                        f"({before:.3g} -> {after:.3g})")
+            return
+        self._store(graph, theta[:features], theta[features], bias)
+        report.change(node.name, node.op, f"{features} in", f"{features} in", 0, 0,
+                      note=f"reconstructed on {eq.rows} rows: relative error {before:.3g} -> {after:.3g}")
+        report.details.setdefault("reconstructed", {})[node.name] = {
+            "rows": eq.rows, "error_before": before, "error_after": after, "lambda": lam}
+
+    def _ternary_theta(self, fitted: np.ndarray, eq: Equations, intercept: bool) -> np.ndarray:
+        """Ternarize the float fit (features, outputs), then the exact alpha and bias of each channel for that T."""
+        ternary, _ = ternarize_optimal(fitted.T)
+        t = ternary.astype(np.float64)  # (outputs, features)
+        features = t.shape[1]
+        xx, x1, n = eq.xtx[:features, :features], eq.xtx[:features, features], eq.xtx[features, features]
+        zz = np.einsum("of,fg,og->o", t, xx, t)  # ||X t_o||^2
+        zy = np.einsum("of,fo->o", t, eq.xty[:features])  # (X t_o) . y_o
+        z1 = t @ x1  # sum of X t_o
+        y1 = eq.xty[features]  # sum of y_o
+        alpha, bias = np.zeros(len(t)), np.zeros(len(t))
+        if intercept:
+            det = zz * n - z1**2
+            ok = det > 1e-12 * np.maximum(zz * n, 1e-30)
+            alpha[ok] = (zy[ok] * n - z1[ok] * y1[ok]) / det[ok]
+            bias = np.where(ok, (y1 - alpha * z1) / max(n, 1e-30), y1 / max(n, 1e-30))
+        else:
+            ok = zz > 1e-30
+            alpha[ok] = zy[ok] / zz[ok]
+        self.ternary, self.alpha = ternary, alpha
+        return np.vstack([t.T * alpha[None, :], bias[None, :]])
+
+    def _store(self, graph: gs.Graph, weight: np.ndarray, bias: np.ndarray, old_bias: np.ndarray) -> None:
+        layer = self.layer
+        if layer.ternary:
+            layer.set_ternary(graph, self.ternary, self.alpha)
+        else:
+            layer.set_rows(graph, weight.T)
+        if layer.bias_add(graph) is not None and not layer.ternary:
+            layer.set_bias(graph, old_bias + bias)  # the reference's Y is the MatMul's, before its bias Add
+        elif self.bias in ("own", "new"):
+            layer.set_bias(graph, bias)
+
+
+def _feeds_bn(tensor: gs.Tensor) -> bool:
+    return bool(tensor.outputs) and all(c.op == "BatchNormalization" for c in tensor.outputs)
+
+
+def _reference_layer(ref_nodes: dict[str, gs.Node], node: gs.Node) -> gs.Node | None:
+    """The float layer of the reference model that computes `node`'s output (through a MatMul's bias Add)."""
+    ref = ref_nodes.get(node.outputs[0].name)
+    if ref is not None and ref.op == "Add" and node.op == "TernaryMatMul":
+        for tensor in ref.inputs:
+            made_by = tensor.inputs[0] if tensor.inputs else None
+            if made_by is not None and made_by.op == "MatMul" and constant_value(input_at(made_by, 1)) is not None:
+                return made_by
+    return ref
+
+
+def _blocker(graph: gs.Graph, layer: Layer, ref: Layer | None) -> str:
+    node = layer.node
+    if ref is None:
+        return (f"no {layer.kind.float_op} with a constant weight makes tensor '{node.outputs[0].name}' in the "
+                "original model")
+    if layer.kind.float_op == "Conv":
+        if layer.groups != 1:
+            return "grouped/depthwise Conv"
+        if len(layer.weight_shape) != 4:
+            return "only 2-D Conv"
+    if node.op == "Gemm" and node.attrs.get("transA", 0):
+        return "Gemm with transA"
+    if layer.features > MAX_FEATURES:
+        return f"{layer.features} input features per output (more than {MAX_FEATURES})"
+    if node.op == "MatMul" and len(layer.weight_shape) != 2:
+        return "MatMul weight is not 2-D"
+    owner = layer.bias_owner(graph)
+    if owner is not None and input_at(*owner) is not None and constant_value(input_at(*owner)) is None:
+        return "bias is not a constant"
+    return ""
+
+
+def fits(graph: gs.Graph, ref_graph: gs.Graph, kept_channels: dict, report: Report) -> list[Fit]:
+    """Layers whose input channels were pruned (fewer input features than in the reference model), and every
+    ternary op, in topological order."""
+    ref_nodes = {n.outputs[0].name: n for n in ref_graph.nodes if n.outputs}
+    found = []
+    for node in sorted_nodes(graph):
+        layer = layer_of(node)
+        if layer is None or layer.kind.float_op not in FITTED_OPS or not node.inputs:
+            continue
+        ref_node = _reference_layer(ref_nodes, node)
+        ref = layer_of(ref_node) if ref_node is not None else None
+        usable = ref is not None and not ref.ternary and ref.op == layer.kind.float_op and is_standard(ref.node)
+        pruned = node.inputs[0].name in kept_channels
+        if usable:
+            pruned = pruned or layer.in_channels < ref.in_channels
+        if not (pruned or layer.ternary):
+            continue
+        why = "ternary op" if layer.ternary and not pruned else "input channels pruned"
+        reason = _blocker(graph, layer, ref if usable else None)
+        if reason:
+            report.skip(node.name, node.op, f"{why}, not reconstructed: {reason}")
+            continue
+        fit = Fit(layer, node.inputs[0].name, node.outputs[0].name, None, "own")
+        if layer.kind.float_op == "Conv":
+            try:
+                fit.conv = layer.conv_attrs()
+            except Unsupported as unsupported:
+                report.skip(node.name, node.op, f"{why}, not reconstructed: {unsupported}")
+                continue
+        kept = kept_channels.get(node.outputs[0].name)
+        if kept is not None:
+            fit.out_kept = np.asarray(kept)
+        if (len(fit.out_kept) if fit.out_kept is not None else ref.out_channels) != layer.out_channels:
+            report.skip(node.name, node.op, f"{why}, not reconstructed: output channels do not map to the reference")
+            continue
+        out = node.outputs[0]
+        if layer.kind.bias_index is None:
+            if layer.bias_add(graph) is None:
+                fit.bias = "drop" if _feeds_bn(out) else "none"
+        elif not layer.has_bias(graph):
+            fit.bias = "drop" if _feeds_bn(out) else "new"
+        found.append(fit)
+    return found
