@@ -145,7 +145,8 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
             calibration, guard_set, guard_where = hold_back(calibration)
 
     start = time.perf_counter()
-    result = run_passes(model, names, merged, calibration=calibration, reference=reference, progress=progress)
+    result = run_passes(model, names, merged, calibration=calibration, reference=reference, progress=progress,
+                        threads=threads)
     passes_seconds = time.perf_counter() - start
     out = result.model
     add_provenance(out, [{"name": r.pass_name, "options": r.options} for r in result.reports])

@@ -307,7 +307,8 @@ class PipelineResult:
 
 def run_passes(model: onnx.ModelProto, passes: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None,
                *, calibration: Any = None, reference: onnx.ModelProto | None = None,
-               progress: bool = False, kept_channels: KeptChannels | None = None) -> PipelineResult:
+               progress: bool = False, kept_channels: KeptChannels | None = None,
+               threads: int | None = None) -> PipelineResult:
     """Run passes in order on a (loaded, shape-inferred) model; each result is checked before the next runs."""
     options = dict(options or {})
     unknown = set(options) - set(passes)
@@ -324,7 +325,8 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[str], options: Mapping[s
         if "calibration" in cls.needs and calibration is None:
             raise UsageError(f"pass '{name}' needs calibration data: give --calib")
         ctx = Context(options=resolved[name], calibration=calibration, reference=reference, template=model,
-                      history=list(history), kept_channels=kept_channels, progress=progress, pass_name=name)
+                      history=list(history), kept_channels=kept_channels, progress=progress, pass_name=name,
+                      threads=threads)
         before = model_stats(model)
         start = time.perf_counter()
         graph = to_graph(model)

@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 from .errors import OcompError
 from .graph import CUSTOM_DOMAIN, is_empty
 
-DEFAULT_BUDGET = 2 * 2**30  # bytes of calibration-set activations kept in memory (the rest is spilled)
+DEFAULT_BUDGET = 2**30  # bytes of calibration-set activations kept in memory (the rest is spilled)
 
 
 class Store:

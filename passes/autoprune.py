@@ -58,7 +58,7 @@ import onnx_graphsurgeon as gs
 
 from ocomp.errors import OcompError, UsageError
 from ocomp.kneedle import knee_index
-from ocomp.metrics import model_stats
+from ocomp.metrics import Accuracy, OutputMetrics, model_stats
 from ocomp.model import to_graph, to_model
 from ocomp.pipeline import Context, KeptChannels, Report, resolve_options
 from ocomp.session import make_session
@@ -379,20 +379,19 @@ class _Scanner:
 
 
 def measure(metric: str, output: np.ndarray, base: np.ndarray, labels: np.ndarray | None) -> float:
-    """Quality of `output` against the base model's `base` (cosine, snr in dB) or labels (top1)."""
+    """Quality of `output` against the base model's `base` (cosine, snr in dB capped at SNR_CAP_DB) or labels
+    (top1), with ocomp.metrics' accumulators."""
     if metric == "top1":
-        n = len(output)
-        return float(np.mean(output.reshape(n, -1).argmax(axis=1) == np.asarray(labels).reshape(-1)))
-    a = np.asarray(base, dtype=np.float64).reshape(-1)
-    b = np.asarray(output, dtype=np.float64).reshape(-1)
+        accuracy = Accuracy()
+        accuracy.add(output, np.asarray(labels).reshape(-1))
+        return accuracy.result()["top1"]
+    figures = OutputMetrics()
+    figures.add(base, output)
     if metric == "cosine":
-        denom = math.sqrt(float(a @ a) * float(b @ b))
-        return float(a @ b) / denom if denom > 0 else float(np.array_equal(a, b))
-    noise = float((a - b) @ (a - b))
-    if noise == 0:
+        return float(figures.result()["cosine"])
+    if figures.noise == 0:
         return SNR_CAP_DB
-    signal = float(a @ a)
-    return min(SNR_CAP_DB, 10 * math.log10(signal / noise)) if signal > 0 else -SNR_CAP_DB
+    return min(SNR_CAP_DB, float(figures.result()["snr_db"])) if figures.norm_a > 0 else -SNR_CAP_DB
 
 
 _WORKER: dict[str, _Scanner] = {}

@@ -159,8 +159,8 @@ class Fit:
         t = ternary.astype(np.float64)  # (outputs, features)
         features = t.shape[1]
         xx, x1, n = eq.xtx[:features, :features], eq.xtx[:features, features], eq.xtx[features, features]
-        zz = np.einsum("of,fg,og->o", t, xx, t)  # ||X t_o||^2
-        zy = np.einsum("of,fo->o", t, eq.xty[:features])  # (X t_o) . y_o
+        zz = np.sum((t @ xx) * t, axis=1)  # ||X t_o||^2 (one BLAS product: einsum's three-operand loop is slow)
+        zy = np.sum(t * eq.xty[:features].T, axis=1)  # (X t_o) . y_o
         z1 = t @ x1  # sum of X t_o
         y1 = eq.xty[features]  # sum of y_o
         alpha, bias = np.zeros(len(t)), np.zeros(len(t))

@@ -367,3 +367,42 @@ def test_cli_reconstruct_flag(tmp_path: Path) -> None:
                                        "prune,bnrecal", "--calib", str(calib), "--bnrecal-reconstruct", "--force"])
     assert result.exit_code == 0, result.output
     assert "reconstructed on" in result.output
+
+
+# ---------------------------------------------------------------- the sweep against per-layer full runs
+
+
+@pytest.mark.parametrize("name", ["plain", "resnet", "flatten_gemm"])
+def test_one_sweep_equals_running_the_whole_model_for_every_layer(name: str) -> None:
+    """The calibration sweep runs each node once; the algorithm before it ran the whole current model again
+    for every layer. With the same maths both give the same fits (BN-folded models, bias correction off, so
+    only reconstruction changes weights)."""
+    from ocomp.model import to_graph, to_model
+    from ocomp.passes.reconstruct import Equations, fits
+    from ocomp.pipeline import Report
+
+    reference = infer_shapes(zoo.build(name, folded=True))
+    kept = KeptChannels()
+    pruned = run_passes(reference, ["prune"], {"prune": {"ratio": 0.5}}, kept_channels=kept).model
+    x = zoo.random_input(reference, batch=40, seed=4)["input"]
+    data = dataset_from_arrays(reference, x)
+    swept = run_passes(pruned, ["bnrecal"], {"bnrecal": {"bias": False}}, calibration=data, reference=reference,
+                       kept_channels=kept).model
+
+    graph = to_graph(pruned)
+    report = Report("naive")
+    for fit in fits(graph, gs.import_onnx(reference), kept.by_tensor, report):
+        current = to_model(graph, pruned)
+        equations = Equations()
+        for b, start in enumerate(range(0, len(x), 32)):
+            feeds = {"input": x[start:start + 32]}
+            xs = exposed_values(current, [fit.x], feeds)[fit.x]
+            ys = exposed_values(reference, [fit.y], feeds)[fit.y]
+            equations.add(*fit.rows(xs, ys, b))
+        fit.solve(graph, equations, report)
+    naive = to_model(graph, pruned)
+    assert report.details.get("reconstructed")
+    got = {i.name: numpy_helper.to_array(i) for i in swept.graph.initializer}
+    for init in naive.graph.initializer:
+        want = numpy_helper.to_array(init)
+        np.testing.assert_allclose(got[init.name], want, rtol=1e-3, atol=1e-4 * max(1.0, np.abs(want).max()))
