@@ -59,6 +59,8 @@ import onnx_graphsurgeon as gs
 from ocomp.errors import OcompError, UsageError
 from ocomp.kneedle import knee_index
 from ocomp.metrics import Accuracy, OutputMetrics, model_stats
+
+from .importance import DATA_CRITERIA
 from ocomp.model import to_graph, to_model
 from ocomp.pipeline import Context, KeptChannels, Report, resolve_options
 from ocomp.session import make_session
@@ -111,7 +113,7 @@ def require_matplotlib() -> None:
 
 
 def run_auto(graph: gs.Graph, ctx: Context, report: Report, group_ratios: Callable, prune: Callable,
-             settings: Any) -> tuple[Any, dict[str, str]]:
+             settings: Any, opts: Mapping[str, Any]) -> tuple[Any, dict[str, str]]:
     """Prune `graph` in place with automatically chosen per-group ratios (see module doc); returns the
     pruning result and a note for each group.
 
@@ -121,7 +123,6 @@ def run_auto(graph: gs.Graph, ctx: Context, report: Report, group_ratios: Callab
     `.kept`, `.indices`, `.layers` (passes/prune.py's prune_graph; it is passed in, so this module does not
     import the pass that uses it).
     """
-    opts = ctx.options
     if ctx.calibration is None:
         raise ctx.option_error("ratio", "'auto' needs calibration data (--calib)")
     if opts["plot"]:
@@ -264,7 +265,7 @@ class _Counter:
         self.base = base
         self.prune = prune
         # the count only depends on how many channels are kept: l1 selects the same counts as any criterion
-        self.settings = replace(settings, criterion="l1") if settings.criterion == "activation" else settings
+        self.settings = replace(settings, criterion="l1") if settings.criterion in DATA_CRITERIA else settings
         self.fixed = dict(fixed)
         stats = model_stats(base)
         self.macs, self.params = stats.macs, stats.params

@@ -24,7 +24,8 @@ from ocomp.sweep import Calibration, Sweep
 from . import channels as ch
 from .channels import ChannelAnalysis, ChannelGroup
 
-CRITERIA = ("l1", "l2", "bn", "activation")
+CRITERIA = ("l1", "l2", "bn", "activation", "energy")
+DATA_CRITERIA = ("activation", "energy")  # criteria measured on calibration data
 
 
 def _normalized(score: np.ndarray) -> np.ndarray:
@@ -58,22 +59,45 @@ def scores(group: ChannelGroup, analysis: ChannelAnalysis, criterion: str,
         for c in producers:
             total += _normalized(activations[c.tensor])
         return total, criterion, note
+    if criterion == "energy":
+        exits = [c for c in group.consumers if c.kind in ch.EXIT_KINDS]
+        for c in exits:
+            total += _normalized(_energy(c, group, analysis, activations[c.tensor]))
+        if exits:
+            return total, criterion, note
+        criterion, note = "l1", "no layer sums the group's channels: l1 used"
     for c in producers:
         total += _normalized(weight_scores(c.node, 1 if criterion == "l1" else 2))
     return total, criterion, note
 
 
+def _energy(consumer, group: ChannelGroup, analysis: ChannelAnalysis, mean_square: np.ndarray) -> np.ndarray:
+    """What each channel of `group` contributes to the output energy of the layer that sums it away:
+    E[x_c^2] * ||W[:, c]||^2 (activation-weighted weights; the diagonal of the layer's reconstruction error
+    when channel c is removed)."""
+    layer = layer_of(consumer.node)
+    rows = layer.rows()
+    per_group = layer.in_channels // layer.groups
+    weight_sq = (rows.reshape(rows.shape[0], per_group, -1) ** 2).sum(axis=(0, 2))  # per input position
+    positions = analysis.position_matrix(consumer.tensor, group.id)
+    return (weight_sq[positions] * mean_square[positions]).sum(axis=1)
+
+
 def activation_scores(graph: gs.Graph, analysis: ChannelAnalysis, group_ids, calibration: Any,
-                      session_factory: Callable | None = None, opsets=()) -> dict[str, np.ndarray]:
-    """Mean |activation| per channel of every producer output of the given groups, on the calibration data,
-    in one forward sweep."""
+                      session_factory: Callable | None = None, opsets=(), criterion: str = "activation"
+                      ) -> dict[str, np.ndarray]:
+    """Per channel of the given groups, on the calibration data, in one forward sweep: mean |activation| of
+    every producer output ("activation"), or mean squared activation at every layer input that sums the
+    group's channels away ("energy")."""
     wanted: dict[str, int] = {}
     for gid in group_ids:
         group = analysis.group(gid)
         if group.pinned:
             continue
         for c in group.consumers:
-            if c.kind in ch.PRODUCER_KINDS:
+            if criterion == "activation" and c.kind in ch.PRODUCER_KINDS:
+                wanted[c.tensor] = analysis.layouts[c.tensor].axis
+            elif criterion == "energy" and c.kind in ch.EXIT_KINDS:
                 wanted[c.tensor] = analysis.layouts[c.tensor].axis
     means: dict[str, np.ndarray] = {}
     graph.toposort()
@@ -83,7 +107,10 @@ def activation_scores(graph: gs.Graph, analysis: ChannelAnalysis, group_ids, cal
             value = sweep.get([name])[name]
             axis = wanted[name] % value.ndim
             reduce = tuple(i for i in range(value.ndim) if i != axis)
-            means[name] = np.abs(value).mean(axis=reduce, dtype=np.float64)
+            if criterion == "energy":
+                means[name] = np.square(value, dtype=np.float64).mean(axis=reduce)
+            else:
+                means[name] = np.abs(value).mean(axis=reduce, dtype=np.float64)
     return means
 
 

@@ -27,7 +27,7 @@ from ocomp.pipeline import Context, Option, Pass, Report, fraction, key_value, p
 from .autoprune import DEFAULT_RATIOS, METRICS, budget_fraction, ratio_list, run_auto
 from .channels import ChannelAnalysis, ChannelGroup, analyze
 from .deadchannels import constant_channels, dead_channels
-from .importance import CRITERIA, activation_scores, scores, select_channels
+from .importance import CRITERIA, DATA_CRITERIA, activation_scores, scores, select_channels
 from .rewrite import Rewriter
 
 
@@ -101,8 +101,10 @@ class Prune(Pass):
     options = (
         Option("ratio", ratio_or_auto, 0.3, "fraction of channels removed per channel group, or 'auto': a per-group "
                "ratio from a sensitivity scan on --calib data (Kneedle on each group's quality curve)"),
-        Option("criterion", str, "l1", "channel importance: l1, l2 (weight norms), bn (|gamma| of the following "
-               "BatchNorm), activation (mean |activation| on --calib data)", choices=CRITERIA),
+        Option("criterion", str, "auto", "channel importance: l1, l2 (weight norms), bn (|gamma| of the following "
+               "BatchNorm), activation (mean |activation| on --calib data), energy (E[x^2] * ||W||^2 of each "
+               "channel where the next layer sums it: its share of that layer's output, on --calib data); auto: "
+               "energy with --calib, l1 without", choices=CRITERIA + ("auto",)),
         Option("layer", key_value(fraction), (), "ratio for the group of one layer, NAME=R (repeatable)",
                multiple=True),
         Option("skip", str, (), "leave the group of this layer unchanged (repeatable)", multiple=True),
@@ -126,16 +128,18 @@ class Prune(Pass):
     needs = frozenset()
 
     def run(self, graph: gs.Graph, ctx: Context) -> Report:
-        opts = ctx.options
+        opts = dict(ctx.options)
         report = Report(self.name)
-        if opts["criterion"] == "activation" and ctx.calibration is None:
-            raise ctx.option_error("criterion", "'activation' needs calibration data (--calib)")
+        if opts["criterion"] == "auto":  # data-aware when there is data: it keeps compact nets accurate
+            opts["criterion"] = "energy" if ctx.calibration is not None else "l1"
+        if opts["criterion"] in DATA_CRITERIA and ctx.calibration is None:
+            raise ctx.option_error("criterion", f"'{opts['criterion']}' needs calibration data (--calib)")
         settings = PruneSettings.from_options(opts)
         opsets = list(ctx.template.opset_import) if ctx.template is not None else []
         notes: dict[str, str] = {}
         if opts["ratio"] == "auto":
             result, notes = run_auto(graph, ctx, report, lambda g: self.group_ratios(analyze(g), ctx, report),
-                                     prune_graph, settings)
+                                     prune_graph, settings, opts)
         else:
             for key in ("target_macs", "target_params", "plot"):
                 if opts[key]:
@@ -143,7 +147,7 @@ class Prune(Pass):
             analysis = analyze(graph)
             ratios = self.group_ratios(analysis, ctx, report)
             result = prune_graph(graph, ratios, settings, calibration=ctx.calibration, session_factory=ctx.session,
-                                 opsets=opsets, analysis=None if settings.criterion == "activation" else analysis)
+                                 opsets=opsets, analysis=None if settings.criterion in DATA_CRITERIA else analysis)
         ctx.kept_channels.record(result.indices)
         fill_report(report, result, settings.criterion, notes)
         return report
@@ -206,11 +210,12 @@ def prune_graph(graph: gs.Graph, ratios: Mapping[str, float], settings: PruneSet
     if settings.multiple < 1 or settings.min_channels < 1:
         raise UsageError("prune: the multiple and the minimum channel count must be >= 1")
     activations = None
-    if settings.criterion == "activation":
+    if settings.criterion in DATA_CRITERIA:
         if calibration is None:
-            raise UsageError("prune: criterion 'activation' needs calibration data")
+            raise UsageError(f"prune: criterion '{settings.criterion}' needs calibration data")
         analysis = analyze(graph)
-        activations = activation_scores(graph, analysis, list(ratios), calibration, session_factory, opsets)
+        activations = activation_scores(graph, analysis, list(ratios), calibration, session_factory, opsets,
+                                        settings.criterion)
     elif analysis is None:
         analysis = analyze(graph)
     for gid, ratio in ratios.items():

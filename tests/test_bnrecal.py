@@ -329,7 +329,7 @@ def test_reconstruct_skips_grouped_convs_and_reports_big_layers(monkeypatch) -> 
 def test_reconstruct_off_changes_no_weights() -> None:
     reference = infer_shapes(zoo.build("resnet", folded=True))
     data = calibration(reference, n=16)
-    options = {"prune": {"ratio": 0.5}, "bnrecal": {"reconstruct": False, "bias": False}}
+    options = {"prune": {"ratio": 0.5, "criterion": "l1"}, "bnrecal": {"reconstruct": False, "bias": False}}
     pruned = run_passes(reference, ["prune"], {"prune": {"ratio": 0.5}}).model
     result = run_passes(reference, ["prune", "bnrecal"], options, calibration=data, reference=reference)
     assert not result.reports[-1].details.get("reconstructed")
@@ -349,7 +349,7 @@ def test_reconstruct_recovers_pruned_resnet20(shared_dir: Path) -> None:
     data = dataset_from_arrays(model, calib["images"][:64].astype(np.float32) / 255.0)
 
     def accuracy(reconstruct: bool) -> float:
-        options = {"prune": {"ratio": 0.3}, "bnrecal": {"reconstruct": reconstruct}}
+        options = {"prune": {"ratio": 0.3, "criterion": "l1"}, "bnrecal": {"reconstruct": reconstruct}}
         out = run_passes(model, ["prune", "bnrecal"], options, calibration=data, reference=model).model
         return float((session(out).run(None, {"input": images})[0].argmax(1) == labels).mean())
 
