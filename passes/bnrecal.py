@@ -59,6 +59,9 @@ class BNRecal(Pass):
                "input channels were pruned and every ternary op, by least squares against the original model's "
                "output at the same tensor (feature-map reconstruction; a ternary op is ternarized again and its "
                "alpha/bias solved); needs the original model"),
+        Option("error_feedback", bool, False, "when re-fitting a ternary op, choose its codes by GPTQ-style error "
+               "feedback on the layer's real inputs (ocomp/gptq.py) instead of rounding each row; measured: "
+               "ResNet-20 +0.2 pt, PP-OCR cls -2 to -5 pt with 200 calibration images (it fits their noise)"),
         Option("memory", mebibytes, DEFAULT_BUDGET / 2**20, "MiB of calibration-set activations held in "
                "memory by each of the two sweeps (current and original model); the rest is spilled to "
                "memory-mapped temporary files (0: everything)"),
@@ -87,7 +90,7 @@ class BNRecal(Pass):
             if ref_graph is None:
                 report.skip("*", "-", "reconstruct needs the reference model (ocomp compress passes it)")
             else:
-                found_fits = fits(graph, ref_graph, kept, report)
+                found_fits = fits(graph, ref_graph, kept, report, ctx.options.get("error_feedback", False))
         steps = _Steps(graph, bns, found_targets, found_fits)
         budget = int(ctx.options.get("memory", DEFAULT_BUDGET / 2**20) * 2**20)
         opsets = list(ctx.template.opset_import) if ctx.template is not None else []

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ocomp.gptq import ternarize_error_feedback
 from ocomp.graph import constant_value, input_at, is_standard, sorted_nodes
 from ocomp.layers import Layer, Unsupported, layer_of
 from ocomp.pipeline import Report
@@ -36,6 +37,10 @@ MAX_FEATURES = 4608  # larger layers (e.g. VGG's 25088-input classifier) are not
 RIDGE = 1e-3  # lambda relative to the mean diagonal of X^T X (the mean squared input feature)
 ROWS_PER_BATCH = 4096  # im2col rows a batch at most (spatial positions subsampled deterministically)
 FITTED_OPS = ("Conv", "Gemm", "MatMul")  # float ops (or the float op a ternary op computes) that are re-fitted
+# Error feedback fits T to the calibration inputs; with fewer rows than this many per feature (e.g. an SE
+# block's pooled 1x1 convs: one row an image) it fits their noise, and plain rounding generalizes better.
+FEEDBACK_MIN_ROWS = 4
+FEEDBACK_DAMP = 0.1  # of mean diag(H), added for the feedback pass
 
 
 class Equations:
@@ -77,6 +82,7 @@ class Fit:
     conv: dict | None = None  # a Conv's explicit kernel_shape, strides, pads (begins + ends), dilations
     ternary: np.ndarray | None = None  # the new T of a ternary op, (outputs, features)
     alpha: np.ndarray | None = None  # and its new alpha
+    error_feedback: bool = False  # ternary ops: choose T by error feedback on the real inputs
 
     @property
     def node(self) -> gs.Node:
@@ -154,11 +160,19 @@ class Fit:
             "rows": eq.rows, "error_before": before, "error_after": after, "lambda": lam}
 
     def _ternary_theta(self, fitted: np.ndarray, eq: Equations, intercept: bool) -> np.ndarray:
-        """Ternarize the float fit (features, outputs), then the exact alpha and bias of each channel for that T."""
-        ternary, _ = ternarize_optimal(fitted.T)
-        t = ternary.astype(np.float64)  # (outputs, features)
-        features = t.shape[1]
+        """Ternarize the float fit (features, outputs), then the exact alpha and bias of each channel for that T.
+
+        With `error_feedback`, T minimizes the output error on the layer's real inputs (GPTQ-style error
+        feedback through H = X^T X, centred when the bias is re-solved too: ocomp/gptq.py); otherwise each
+        row is ternarized on its own (the least-squares ternarization of the weights)."""
+        features = fitted.shape[0]
         xx, x1, n = eq.xtx[:features, :features], eq.xtx[:features, features], eq.xtx[features, features]
+        if self.error_feedback and eq.rows >= FEEDBACK_MIN_ROWS * features:
+            hessian = xx - np.outer(x1, x1) / max(n, 1e-30) if intercept else xx
+            ternary = ternarize_error_feedback(fitted.T, hessian, damp=FEEDBACK_DAMP).ternary
+        else:
+            ternary, _ = ternarize_optimal(fitted.T)
+        t = ternary.astype(np.float64)  # (outputs, features)
         zz = np.sum((t @ xx) * t, axis=1)  # ||X t_o||^2 (one BLAS product: einsum's three-operand loop is slow)
         zy = np.sum(t * eq.xty[:features].T, axis=1)  # (X t_o) . y_o
         z1 = t @ x1  # sum of X t_o
@@ -224,7 +238,8 @@ def _blocker(graph: gs.Graph, layer: Layer, ref: Layer | None) -> str:
     return ""
 
 
-def fits(graph: gs.Graph, ref_graph: gs.Graph, kept_channels: dict, report: Report) -> list[Fit]:
+def fits(graph: gs.Graph, ref_graph: gs.Graph, kept_channels: dict, report: Report,
+         error_feedback: bool = False) -> list[Fit]:
     """Layers whose input channels were pruned (fewer input features than in the reference model), and every
     ternary op, in topological order."""
     ref_nodes = {n.outputs[0].name: n for n in ref_graph.nodes if n.outputs}
@@ -246,7 +261,7 @@ def fits(graph: gs.Graph, ref_graph: gs.Graph, kept_channels: dict, report: Repo
         if reason:
             report.skip(node.name, node.op, f"{why}, not reconstructed: {reason}")
             continue
-        fit = Fit(layer, node.inputs[0].name, node.outputs[0].name, None, "own")
+        fit = Fit(layer, node.inputs[0].name, node.outputs[0].name, None, "own", error_feedback=error_feedback)
         if layer.kind.float_op == "Conv":
             try:
                 fit.conv = layer.conv_attrs()

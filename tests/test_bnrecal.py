@@ -406,3 +406,19 @@ def test_one_sweep_equals_running_the_whole_model_for_every_layer(name: str) -> 
     for init in naive.graph.initializer:
         want = numpy_helper.to_array(init)
         np.testing.assert_allclose(got[init.name], want, rtol=1e-3, atol=1e-4 * max(1.0, np.abs(want).max()))
+
+
+def test_error_feedback_lowers_the_first_ternary_layers_calibration_error() -> None:
+    """With --bnrecal-error-feedback the first re-fitted ternary op (same inputs either way) reaches a lower
+    output error on the calibration data than rounding each row."""
+    reference = infer_shapes(zoo.build("resnet"))
+    data = calibration(reference, n=64)
+    errors = {}
+    for feedback in (False, True):
+        result = run_passes(reference, ["ternary", "bnrecal"], {"ternary": {"min_params": 0},
+                                                                "bnrecal": {"error_feedback": feedback}},
+                            calibration=data, reference=reference)
+        fitted = result.reports[-1].details["reconstructed"]
+        first = next(n.name for n in result.model.graph.node if n.name in fitted)
+        errors[feedback] = fitted[first]["error_after"]
+    assert errors[True] < errors[False], errors
