@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DOMAIN", "LIBRARY_ENV", "library_path", "session_options", "session"]
+__all__ = ["DOMAIN", "LIBRARY_ENV", "ISA_ENV", "library_path", "session_options", "session", "w2a8_path"]
 
 DOMAIN = "ocomp"
 LIBRARY_ENV = "OCOMP_RUNTIME_LIBRARY"
+ISA_ENV = "OCOMP_ISA"  # forces a W2A8 path (scalar, avx2, avxvnni, avxvnni-evex, avx512vnni, neon, neon-dot)
 
 if sys.platform == "darwin":
     _LIBRARY_NAME = "libocomp_runtime.dylib"
@@ -84,6 +85,23 @@ def library_path() -> str:
         "or build standalone with `cmake -S runtime -B build && cmake --build build` "
         f"and set {LIBRARY_ENV}=build/{_LIBRARY_NAME}."
     )
+
+
+def w2a8_path() -> str:
+    """Name of the W2A8 (int8 activation) kernel path this process runs.
+
+    The library decides once per process from CPUID / HWCAP, or from $OCOMP_ISA.
+    Raises RuntimeError when $OCOMP_ISA names a path this build or CPU cannot run.
+    """
+    import ctypes
+
+    lib = ctypes.CDLL(library_path())
+    fn = lib.OcompW2A8Path
+    fn.restype = ctypes.c_char_p
+    answer = fn().decode()
+    if answer.startswith("error: "):
+        raise RuntimeError(answer[len("error: "):])
+    return answer
 
 
 _REGISTERED_KEY = "session.ocomp_runtime_registered"

@@ -7,6 +7,8 @@
 
 #include "ternary_conv.h"
 #include "ternary_gemm.h"
+#include "w2a8.h"
+#include "common.h"
 
 namespace {
 
@@ -58,4 +60,18 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     Ort::ThrowOnError(api->CustomOpDomain_Add(domain, &matmul_op()));
     Ort::ThrowOnError(api->AddCustomOpDomain(options, domain));
   });
+}
+
+// The W2A8 path this process uses (OCOMP_ISA or the best the CPU runs), or
+// "error: <why>" when OCOMP_ISA names a path that cannot run. For benchmark
+// headers and tests (Python: ocomp.runtime.w2a8_path()).
+extern "C" __attribute__((visibility("default"))) const char* OcompW2A8Path() {
+  static const std::string answer = [] {
+    try {
+      return std::string(ocomp::w2a8_isa().name);
+    } catch (const std::exception& e) {
+      return std::string("error: ") + e.what();
+    }
+  }();
+  return answer.c_str();
 }

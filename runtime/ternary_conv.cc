@@ -117,11 +117,18 @@ TernaryConvKernel::TernaryConvKernel(const OrtApi& api, const OrtKernelInfo* inf
       throw Error("TernaryConv: auto_pad=" + auto_pad + " is not supported; write explicit pads");
   }
 
+  act_ = read_act_attrs(api, info, "TernaryConv");
   // Constant initializers are decoded once here.
   if (const OrtValue* packed = constant_input(api, info, 1)) {
     TensorView<uint8_t> t = view_tensor<uint8_t>(packed, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "packed weights");
     weights_ = decode_sparse(t.data, t.size, a_.K, a_.Cg * a_.kH * a_.kW, "TernaryConv");
     const_weights_ = true;
+    if (act_.mode != ActAttrs::kFloat) {
+      w2a8_ = std::make_unique<const W2A8Conv>(w2a8_shape(), dense_weights(weights_).data());
+      weights_ = SparseTernary{};  // the W2A8 panels are all that is kept
+    }
+  } else if (act_.mode != ActAttrs::kFloat) {
+    w2a8_isa();  // an OCOMP_ISA the CPU cannot run fails at session creation
   }
   if (const OrtValue* alpha = constant_input(api, info, 2)) {
     alpha_ = read_vector(alpha, a_.K, "TernaryConv", "alpha");
@@ -131,6 +138,14 @@ TernaryConvKernel::TernaryConvKernel(const OrtApi& api, const OrtKernelInfo* inf
     bias_ = read_vector(bias, a_.K, "TernaryConv", "bias");
     const_bias_ = true;
   }
+}
+
+W2A8ConvShape TernaryConvKernel::w2a8_shape() const {
+  W2A8ConvShape s;
+  s.K = a_.K, s.Cg = a_.Cg, s.kH = a_.kH, s.kW = a_.kW, s.group = a_.group;
+  s.sh = a_.sh, s.sw = a_.sw, s.dh = a_.dh, s.dw = a_.dw;
+  s.pt = a_.pt, s.pl = a_.pl, s.pb = a_.pb, s.pr = a_.pr;
+  return s;
 }
 
 std::shared_ptr<const ConvPlan> TernaryConvKernel::plan_for(int64_t H, int64_t W, const SparseTernary& weights,
@@ -329,6 +344,27 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
     }
   }
 
+  if (act_.mode != ActAttrs::kFloat) {
+    const int64_t Hp = H + a.pt + a.pb, Wp = W + a.pl + a.pr;
+    const int64_t eff_h = a.dh * (a.kH - 1) + 1, eff_w = a.dw * (a.kW - 1) + 1;
+    if (Hp < eff_h || Wp < eff_w)
+      throw Error("TernaryConv: padded input " + std::to_string(Hp) + "x" + std::to_string(Wp) +
+                  " is smaller than the dilated kernel " + std::to_string(eff_h) + "x" + std::to_string(eff_w));
+    const int64_t OH = (Hp - eff_h) / a.sh + 1, OW = (Wp - eff_w) / a.sw + 1;
+    Ort::UnownedValue y_value = ctx.GetOutput(0, std::vector<int64_t>{N, a.K, OH, OW});
+    float* y = y_value.GetTensorMutableData<float>();
+    if (N == 0) return;
+    std::unique_ptr<const W2A8Conv> runtime_w2a8;
+    const W2A8Conv* w2a8 = w2a8_.get();
+    if (w2a8 == nullptr) {
+      runtime_w2a8 = std::make_unique<const W2A8Conv>(w2a8_shape(), dense_weights(*weights).data());
+      w2a8 = runtime_w2a8.get();
+    }
+    const ActQuant q = run_quant(act_, context, x.data, x.size);
+    w2a8->run(context, x.data, N, H, W, OH, OW, q, alpha->data(), bias ? bias->data() : nullptr, act_.lo, act_.hi, y);
+    return;
+  }
+
   std::shared_ptr<const ConvPlan> plan_ptr = plan_for(H, W, *weights, const_weights_);
   const ConvPlan& p = *plan_ptr;
   std::vector<int64_t> out_shape{N, a.K, p.OH, p.OW};
@@ -415,6 +451,8 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
   const int64_t chunks_per_item = (kchunks + kgroups - 1) / kgroups;
   const float* alpha_d = alpha->data();
   const float* bias_d = bias ? bias->data() : nullptr;
+  const bool clamps = act_.clamps();
+  const float lo = act_.lo, hi = act_.hi;
   auto work = [&](size_t item) {
     int64_t rest = int64_t(item);
     const int64_t kgroup = rest % kgroups;
@@ -445,7 +483,10 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
           const int64_t valid = std::max<int64_t>(0, std::min(seg_end - q, p.OW - ox));
           float* __restrict out = dst + oy * p.OW + ox;
           const float* __restrict in = src + q;
-          for (int64_t i = 0; i < valid; ++i) out[i] = in[i] * al + bi;
+          if (clamps)
+            for (int64_t i = 0; i < valid; ++i) out[i] = clamp_out(in[i] * al + bi, lo, hi);
+          else
+            for (int64_t i = 0; i < valid; ++i) out[i] = in[i] * al + bi;
           q = seg_end;
         }
       }

@@ -3,7 +3,9 @@
 // Inputs: X float [N,C,H,W], packed uint8 [ceil(numel/4)], alpha float [K],
 // bias float [K] (optional). Attributes: weight_shape (K, C/group, kH, kW)
 // (required), kernel_shape, strides, pads (x1_begin, x2_begin, x1_end,
-// x2_end), dilations, group; defaults as ONNX Conv, no auto_pad.
+// x2_end), dilations, group; defaults as ONNX Conv, no auto_pad. Optional
+// act_quant / act_scale / act_zero_point (int8 activations, see w2a8_ops.h)
+// and activation / clip_min / clip_max (fused output activation).
 #pragma once
 
 #include <memory>
@@ -11,6 +13,7 @@
 
 #include "common.h"
 #include "kernels.h"
+#include "w2a8_ops.h"
 
 namespace ocomp {
 
@@ -30,9 +33,12 @@ struct TernaryConvKernel {
   }
 
  private:
+  W2A8ConvShape w2a8_shape() const;
   std::shared_ptr<const ConvPlan> plan_for(int64_t H, int64_t W, const SparseTernary& weights, bool cache);
 
   ConvAttrs a_;
+  ActAttrs act_;                    // activation quantization (W2A8) and fused activation
+  std::unique_ptr<const W2A8Conv> w2a8_;  // W2A8 weights (constant weights with act_quant set)
   bool const_weights_ = false, const_alpha_ = false, const_bias_ = false;
   SparseTernary weights_;
   std::vector<float> alpha_, bias_;

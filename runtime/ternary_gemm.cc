@@ -61,11 +61,19 @@ TernaryGemmKernel::TernaryGemmKernel(const OrtApi& api, const OrtKernelInfo* inf
                 shape_str(ws));
   N_ = ws[0];
   Kin_ = ws[1];
+  act_ = read_act_attrs(api, info, name());
   if (const OrtValue* packed = constant_input(api, info, 1)) {
     TensorView<uint8_t> t = view_tensor<uint8_t>(packed, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "packed weights");
     weights_ = decode_sparse(t.data, t.size, N_, Kin_, name());
-    row_codes_ = row_codes(t.data, N_, Kin_);
     const_weights_ = true;
+    if (act_.mode != ActAttrs::kFloat) {
+      w2a8_ = std::make_unique<const W2A8Gemm>(N_, Kin_, dense_weights(weights_).data());
+      weights_ = SparseTernary{};  // the W2A8 panels are all that is kept
+    } else {
+      row_codes_ = row_codes(t.data, N_, Kin_);
+    }
+  } else if (act_.mode != ActAttrs::kFloat) {
+    w2a8_isa();  // an OCOMP_ISA the CPU cannot run fails at session creation
   }
   if (const OrtValue* alpha = constant_input(api, info, 2)) {
     alpha_ = read_vector(alpha, N_, name(), "alpha");
@@ -135,8 +143,10 @@ void TernaryGemmKernel::Compute(OrtKernelContext* context) {
     TensorView<uint8_t> t = view_tensor<uint8_t>(ctx.GetInput(1), ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "packed");
     runtime_weights = decode_sparse(t.data, t.size, N_, Kin_, op);
     w = &runtime_weights;
-    codes_buffer = row_codes(t.data, N_, Kin_);
-    codes = &codes_buffer;
+    if (act_.mode == ActAttrs::kFloat) {
+      codes_buffer = row_codes(t.data, N_, Kin_);
+      codes = &codes_buffer;
+    }
   }
   std::vector<float> runtime_alpha, runtime_bias;
   const std::vector<float>* alpha = &alpha_;
@@ -165,6 +175,17 @@ void TernaryGemmKernel::Compute(OrtKernelContext* context) {
   const float* alpha_d = alpha->data();
   const float* bias_d = bias ? bias->data() : nullptr;
   const int64_t N = N_, Kin = Kin_;
+  if (act_.mode != ActAttrs::kFloat) {
+    std::unique_ptr<const W2A8Gemm> runtime_w2a8;
+    const W2A8Gemm* w2a8 = w2a8_.get();
+    if (w2a8 == nullptr) {
+      runtime_w2a8 = std::make_unique<const W2A8Gemm>(N, Kin, dense_weights(*w).data());
+      w2a8 = runtime_w2a8.get();
+    }
+    w2a8->run(context, xd, M, run_quant(act_, context, xd, x.size), alpha_d, bias_d, act_.lo, act_.hi, y);
+    return;
+  }
+  const float lo = act_.lo, hi = act_.hi;
 
   const int64_t groups = (Kin + 3) / 4;
   if (M < kMinTiledRows && M * groups * 256 <= kMaxTableFloats) {
@@ -201,7 +222,7 @@ void TernaryGemmKernel::Compute(OrtKernelContext* context) {
           }
         }
         for (int64_t n = n0; n < n1; ++n)
-          y[m * N + n] = acc[n - n0] * alpha_d[n] + (bias_d ? bias_d[n] : 0.0f);
+          y[m * N + n] = clamp_out(acc[n - n0] * alpha_d[n] + (bias_d ? bias_d[n] : 0.0f), lo, hi);
       }
     };
     parallel_for(context, static_cast<size_t>(chunks), work);
@@ -234,7 +255,7 @@ void TernaryGemmKernel::Compute(OrtKernelContext* context) {
             s3 -= xr[idx[i + 3]];
           }
           for (; i < nt; ++i) s0 -= xr[idx[i]];
-          y[m * N + n] = ((s0 + s1) + (s2 + s3)) * alpha_d[n] + (bias_d ? bias_d[n] : 0.0f);
+          y[m * N + n] = clamp_out(((s0 + s1) + (s2 + s3)) * alpha_d[n] + (bias_d ? bias_d[n] : 0.0f), lo, hi);
         }
       }
     };
@@ -277,7 +298,7 @@ void TernaryGemmKernel::Compute(OrtKernelContext* context) {
     for (int kk = 0; kk < nk; ++kk) {
       const int64_t n = n0 + kk;
       const float al = alpha_d[n], bi = bias_d ? bias_d[n] : 0.0f;
-      for (int64_t m = m0; m < m1; ++m) y[m * N + n] = partial[kk * kTile + (m - m0)] * al + bi;
+      for (int64_t m = m0; m < m1; ++m) y[m * N + n] = clamp_out(partial[kk * kTile + (m - m0)] * al + bi, lo, hi);
     }
   };
   parallel_for(context, static_cast<size_t>(tiles * nchunks), work);

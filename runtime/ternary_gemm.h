@@ -2,6 +2,8 @@
 //   TernaryGemm(X[M,Kin], packed, alpha[N], bias[N]?) -> Y[M,N]
 //   TernaryMatMul(X[..., Kin], packed, alpha[N], bias[N]?) -> Y[..., N]
 //   Y = (X @ T^T) * alpha + bias, T of weight_shape (N, Kin), row n = output n.
+// Optional attributes as TernaryConv: act_quant / act_scale / act_zero_point,
+// activation / clip_min / clip_max (see w2a8_ops.h).
 #pragma once
 
 #include <memory>
@@ -9,6 +11,7 @@
 
 #include "common.h"
 #include "kernels.h"
+#include "w2a8_ops.h"
 
 namespace ocomp {
 
@@ -27,6 +30,8 @@ struct TernaryGemmKernel {
 
   bool matmul_;
   int64_t N_ = 0, Kin_ = 0;
+  ActAttrs act_;                          // activation quantization (W2A8) and fused activation
+  std::unique_ptr<const W2A8Gemm> w2a8_;  // W2A8 weights (constant weights with act_quant set)
   bool const_weights_ = false, const_alpha_ = false, const_bias_ = false;
   SparseTernary weights_;
   std::vector<uint8_t> row_codes_;  // per output row, ceil(Kin/4) bytes of 2-bit codes (lookup path)

@@ -269,13 +269,13 @@ def test_library_path_override(monkeypatch, tmp_path):
         rt.library_path()
 
 
-def test_library_exports_only_register_custom_ops():
+def test_library_exports_only_its_entry_points():
     path = require_library()
     if shutil.which("nm") is None:
         pytest.skip("nm (binutils) not installed")
     out = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True, check=True).stdout
     symbols = {line.split()[-1] for line in out.splitlines() if line.strip()}
-    assert symbols == {"RegisterCustomOps"}, symbols
+    assert symbols == {"RegisterCustomOps", "OcompW2A8Path"}, symbols
     needed = subprocess.run(["readelf", "-d", path], capture_output=True, text=True).stdout
     assert "onnxruntime" not in needed
 

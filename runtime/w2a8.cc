@@ -1,0 +1,461 @@
+// W2A8 drivers: path choice (CPUID / HWCAP), input quantization and layout,
+// work split over onnxruntime's intra-op pool, epilogue. The per-ISA sums are
+// in w2a8_<isa>.cc; everything here is shared by all paths, so they differ
+// only in how the exact int32 sums are computed.
+#include "w2a8_ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
+
+namespace ocomp {
+
+extern const W2A8Isa kW2A8Scalar;
+#if defined(OCOMP_HAVE_AVX2_KERNELS)
+extern const W2A8Isa kW2A8Avx512Vnni;
+extern const W2A8Isa kW2A8AvxVnni;
+extern const W2A8Isa kW2A8AvxVnniEvex;
+extern const W2A8Isa kW2A8Avx2;
+#endif
+#if defined(OCOMP_HAVE_NEON_KERNELS)
+extern const W2A8Isa kW2A8NeonDot;
+extern const W2A8Isa kW2A8Neon;
+#endif
+
+namespace {
+
+#if defined(OCOMP_HAVE_AVX2_KERNELS)
+struct X86Features {
+  bool avx2 = false, avx512 = false, avx512vnni = false, avxvnni = false;
+};
+
+X86Features x86_features() {
+  X86Features f;
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = c & (1u << 27), avx = c & (1u << 28);
+  if (!osxsave || !avx) return f;
+  unsigned xlo, xhi;
+  __asm__("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+  const bool ymm_state = (xlo & 0x6) == 0x6, zmm_state = (xlo & 0xE6) == 0xE6;
+  if (!ymm_state || __get_cpuid_max(0, nullptr) < 7) return f;
+  __cpuid_count(7, 0, a, b, c, d);
+  f.avx2 = (b & (1u << 5)) != 0;
+  const bool avx512f = b & (1u << 16), avx512bw = b & (1u << 30), avx512vl = b & (1u << 31);
+  f.avx512 = zmm_state && avx512f && avx512bw && avx512vl;
+  f.avx512vnni = f.avx512 && (c & (1u << 11));
+  const unsigned max_sub = a;
+  if (max_sub >= 1) {
+    __cpuid_count(7, 1, a, b, c, d);
+    f.avxvnni = f.avx2 && (a & (1u << 4));
+  }
+  return f;
+}
+#endif
+
+std::vector<IsaEntry> paths() {
+  std::vector<IsaEntry> out;
+#if defined(OCOMP_HAVE_AVX2_KERNELS)
+  const X86Features f = x86_features();
+  out.push_back({&kW2A8Avx512Vnni, f.avx512vnni});
+  out.push_back({&kW2A8AvxVnni, f.avxvnni});
+  out.push_back({&kW2A8AvxVnniEvex, f.avx512vnni});
+  out.push_back({&kW2A8Avx2, f.avx2});
+#endif
+#if defined(OCOMP_HAVE_NEON_KERNELS)
+#if defined(__linux__)
+  const bool dotprod = (getauxval(AT_HWCAP) & (1ul << 20)) != 0;  // HWCAP_ASIMDDP
+#else
+  const bool dotprod = false;
+#endif
+  out.push_back({&kW2A8NeonDot, dotprod});
+  out.push_back({&kW2A8Neon, true});
+#endif
+  out.push_back({&kW2A8Scalar, true});
+  return out;
+}
+
+struct Choice {
+  const W2A8Isa* isa = nullptr;
+  std::string error;
+};
+
+Choice choose() {
+  Choice choice;
+  const std::vector<IsaEntry> all = paths();
+  const char* force = std::getenv("OCOMP_ISA");
+  if (force == nullptr || *force == '\0') {
+    for (const IsaEntry& e : all)
+      if (e.supported) {
+        choice.isa = e.isa;
+        break;
+      }
+    return choice;
+  }
+  std::string names;
+  for (const IsaEntry& e : all) {
+    names += std::string(names.empty() ? "" : ", ") + e.isa->name;
+    if (std::strcmp(e.isa->name, force) == 0) {
+      if (e.supported)
+        choice.isa = e.isa;
+      else
+        choice.error = std::string("OCOMP_ISA=") + force + ": this CPU does not support that path";
+      return choice;
+    }
+  }
+  choice.error = std::string("OCOMP_ISA=") + force + " is not a path of this build (compiled paths: " + names + ")";
+  return choice;
+}
+
+inline int64_t round4(int64_t v) { return (v + 3) / 4 * 4; }
+
+// Enough work items for the intra-op threads to balance.
+constexpr int64_t kMinItems = 32;
+
+// Per-channel epilogue constants of one panel (padding channels: all zero).
+struct PanelEpilogue {
+  alignas(64) int32_t zc[kPanel];
+  alignas(64) float mul[kPanel];
+  alignas(64) float add[kPanel];
+  void set(const int32_t* wsum, int32_t z, const float* m, const float* bias, int64_t nk) {
+    for (int64_t c = 0; c < kPanel; ++c) {
+      const bool real = c < nk;
+      zc[c] = real ? z * wsum[c] : 0;
+      mul[c] = real ? m[c] : 0.0f;
+      add[c] = real && bias ? bias[c] : 0.0f;
+    }
+  }
+};
+
+uint8_t* byte_scratch(size_t bytes) { return reinterpret_cast<uint8_t*>(thread_scratch(bytes / 4 + 16)); }
+
+}  // namespace
+
+std::vector<IsaEntry> w2a8_paths() { return paths(); }
+
+const W2A8Isa& w2a8_isa() {
+  static const Choice choice = choose();
+  if (choice.isa == nullptr) throw Error(choice.error);
+  return *choice.isa;
+}
+
+ActQuant dynamic_quant(float lo, float hi) {
+  lo = std::min(lo, 0.0f);
+  hi = std::max(hi, 0.0f);
+  if (!std::isfinite(lo) || !std::isfinite(hi))
+    throw Error("dynamic activation quantization: the input has infinite values");
+  ActQuant q;
+  if (!(hi > lo)) return q;  // all zeros
+  q.scale = (hi - lo) / 255.0f;
+  const float z = std::nearbyint(-lo / q.scale);
+  q.zero_point = static_cast<int32_t>(std::min(255.0f, std::max(0.0f, z)));
+  return q;
+}
+
+ActAttrs read_act_attrs(const OrtApi& api, const OrtKernelInfo* info, const char* op) {
+  ActAttrs a;
+  auto get_float = [&](const char* name, float* value) {
+    OrtStatus* st = api.KernelInfoGetAttribute_float(info, name, value);
+    if (st != nullptr) {
+      api.ReleaseStatus(st);
+      return false;
+    }
+    return true;
+  };
+  auto get_string = [&](const char* name, std::string* value) {
+    size_t len = 0;
+    OrtStatus* st = api.KernelInfoGetAttribute_string(info, name, nullptr, &len);
+    if (st != nullptr) {
+      api.ReleaseStatus(st);
+      return false;
+    }
+    std::string s(len, '\0');
+    Ort::ThrowOnError(api.KernelInfoGetAttribute_string(info, name, &s[0], &len));
+    s.resize(std::strlen(s.c_str()));
+    *value = s;
+    return true;
+  };
+  std::string mode;
+  const bool has_mode = get_string("act_quant", &mode);
+  float scale = 0.0f;
+  const bool has_scale = get_float("act_scale", &scale);
+  int64_t zp = 0;
+  const bool has_zp = attr_int(api, info, "act_zero_point", &zp);
+  if (has_mode && mode == "dynamic") {
+    if (has_scale || has_zp)
+      throw Error(std::string(op) + ": act_quant=dynamic takes no act_scale / act_zero_point");
+    a.mode = ActAttrs::kDynamic;
+  } else if ((has_mode && mode == "static") || (!has_mode && has_scale)) {
+    if (!has_scale) throw Error(std::string(op) + ": act_quant=static needs act_scale");
+    if (!(scale > 0.0f) || !std::isfinite(scale))
+      throw Error(std::string(op) + ": act_scale must be a finite number > 0, got " + std::to_string(scale));
+    if (zp < 0 || zp > 255)
+      throw Error(std::string(op) + ": act_zero_point must be in [0, 255] (uint8), got " + std::to_string(zp));
+    a.mode = ActAttrs::kStatic;
+    a.quant.scale = scale;
+    a.quant.zero_point = static_cast<int32_t>(zp);
+  } else if (has_mode && !mode.empty()) {
+    throw Error(std::string(op) + ": act_quant must be \"static\" or \"dynamic\", got \"" + mode + "\"");
+  } else if (has_zp) {
+    throw Error(std::string(op) + ": act_zero_point given without act_scale");
+  }
+  std::string activation;
+  if (get_string("activation", &activation) && !activation.empty()) {
+    if (activation == "Relu") {
+      a.lo = 0.0f;
+    } else if (activation == "Clip") {
+      float v;
+      if (get_float("clip_min", &v)) a.lo = v;
+      if (get_float("clip_max", &v)) a.hi = v;
+      if (!(a.lo <= a.hi))
+        throw Error(std::string(op) + ": clip_min must be <= clip_max");
+    } else {
+      throw Error(std::string(op) + ": activation must be \"Relu\" or \"Clip\", got \"" + activation + "\"");
+    }
+  }
+  return a;
+}
+
+ActQuant run_quant(const ActAttrs& act, OrtKernelContext*, const float* x, int64_t count) {
+  if (act.mode == ActAttrs::kStatic) return act.quant;
+  float lo = 0.0f, hi = 0.0f;
+  for (int64_t i = 0; i < count; ++i) {
+    lo = x[i] < lo ? x[i] : lo;
+    hi = x[i] > hi ? x[i] : hi;
+  }
+  return dynamic_quant(lo, hi);
+}
+
+std::vector<int8_t> dense_weights(const SparseTernary& w) {
+  std::vector<int8_t> d(static_cast<size_t>(w.outputs * w.rows), 0);
+  for (int64_t o = 0; o < w.outputs; ++o)
+    for (int64_t i = w.start[o]; i < w.start[o + 1]; ++i)
+      d[o * w.rows + w.index[i]] = i - w.start[o] < w.nplus[o] ? 1 : -1;
+  return d;
+}
+
+// ------------------------------------------------------------------ conv
+
+W2A8Conv::W2A8Conv(const W2A8ConvShape& s, const int8_t* dense) : s_(s), isa_(&w2a8_isa()) {
+  const int64_t taps = s.kH * s.kW, Kg = s.K / s.group;
+  depthwise_ = s.Cg == 1;
+  if (depthwise_) {
+    dw_weights_.assign(dense, dense + s.K * taps);
+    dw_wsum_.resize(static_cast<size_t>(s.K));
+    for (int64_t k = 0; k < s.K; ++k) {
+      int32_t sum = 0;
+      for (int64_t t = 0; t < taps; ++t) sum += dense[k * taps + t];
+      dw_wsum_[k] = sum;
+    }
+    return;
+  }
+  Cp_ = round4(s.Cg);
+  const int64_t cq = Cp_ / 4;
+  for (int64_t g = 0; g < s.group; ++g)
+    groups_.push_back(pack_w2a8(Kg, taps * cq, [&](int64_t k, int64_t q, int e) -> int {
+      const int64_t t = q / cq, c = (q % cq) * 4 + e;
+      return c < s.Cg ? dense[((g * Kg + k) * s.Cg + c) * taps + t] : 0;
+    }));
+}
+
+void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t H, int64_t W, int64_t OH,
+                   int64_t OW, const ActQuant& q, const float* alpha, const float* bias, float lo, float hi,
+                   float* y) const {
+  const W2A8ConvShape& s = s_;
+  std::vector<float> mul(static_cast<size_t>(s.K));
+  for (int64_t k = 0; k < s.K; ++k) mul[k] = alpha[k] * q.scale;
+  if (depthwise_) {
+    run_depthwise(context, x, N, H, W, OH, OW, q, mul.data(), bias, lo, hi, y);
+    return;
+  }
+  const int64_t G = s.group, Cg = s.Cg, C = Cg * G, Kg = s.K / G, Cp = Cp_;
+  const int64_t Hp = H + s.pt + s.pb, Wp = W + s.pl + s.pr;
+  const int64_t block = Hp * Wp * Cp + 64;
+  if (double(N) * G * block > double(INT64_MAX / 8)) throw Error("TernaryConv: input too large");
+  uint8_t* buf = byte_scratch(static_cast<size_t>(N * G * block));
+  const float inv = 1.0f / q.scale;
+  const int32_t z = q.zero_point;
+  const uint8_t zb = static_cast<uint8_t>(z);
+  const QuantizeRowFn quantize_row = isa_->quantize_row;
+
+  // 1. Quantized, zero-point padded NHWC rows (channels padded to quads), one item per padded row.
+  auto fill = [&](size_t item) {
+    const int64_t hp = int64_t(item) % Hp, ng = int64_t(item) / Hp;
+    const int64_t n = ng / G, g = ng % G, h = hp - s.pt;
+    uint8_t* row = buf + ng * block + hp * Wp * Cp;
+    if (h < 0 || h >= H) {
+      std::memset(row, zb, static_cast<size_t>(Wp * Cp));
+      return;
+    }
+    std::memset(row, zb, static_cast<size_t>(s.pl * Cp));
+    std::memset(row + (s.pl + W) * Cp, zb, static_cast<size_t>(s.pr * Cp));
+    if (Cp != Cg)
+      for (int64_t w = 0; w < W; ++w) std::memset(row + (s.pl + w) * Cp + Cg, zb, static_cast<size_t>(Cp - Cg));
+    // Quantize contiguous input rows of up to 16 channels (vectorized), then interleave them.
+    constexpr int64_t kSpan = 256;
+    alignas(64) uint8_t tmp[16 * kSpan];
+    for (int64_t w0 = 0; w0 < W; w0 += kSpan) {
+      const int64_t wn = std::min(kSpan, W - w0);
+      for (int64_t c0 = 0; c0 < Cg; c0 += 16) {
+        const int64_t cn = std::min<int64_t>(16, Cg - c0);
+        for (int64_t c = 0; c < cn; ++c)
+          quantize_row(x + ((n * C + g * Cg + c0 + c) * H + h) * W + w0, wn, inv, z, tmp + c * kSpan);
+        uint8_t* dst = row + (s.pl + w0) * Cp + c0;
+        if (cn == 16) {
+          for (int64_t w = 0; w < wn; ++w)
+            for (int64_t c = 0; c < 16; ++c) dst[w * Cp + c] = tmp[c * kSpan + w];
+        } else {
+          for (int64_t w = 0; w < wn; ++w)
+            for (int64_t c = 0; c < cn; ++c) dst[w * Cp + c] = tmp[c * kSpan + w];
+        }
+      }
+    }
+  };
+  parallel_for(context, static_cast<size_t>(N * G * Hp), fill);
+
+  const W2A8Weights& w0 = groups_[0];
+  std::vector<int32_t> off(static_cast<size_t>(w0.nblocks * 4), 0);
+  const int64_t cq = Cp / 4;
+  for (int64_t ky = 0; ky < s.kH; ++ky)
+    for (int64_t kx = 0; kx < s.kW; ++kx)
+      for (int64_t c4 = 0; c4 < cq; ++c4)
+        off[(ky * s.kW + kx) * cq + c4] = static_cast<int32_t>((ky * s.dh * Wp + kx * s.dw) * Cp + 4 * c4);
+  if ((s.dh * (s.kH - 1) * Wp + s.dw * (s.kW - 1) + 1) * Cp > INT32_MAX) throw Error("TernaryConv: input too large");
+
+  // 2. Items: (image, group, output row, group of panels).
+  const int64_t rows = N * G * OH;
+  const int64_t pgroups = std::min(w0.panels, std::max<int64_t>(1, (kMinItems + rows - 1) / rows));
+  const int64_t per_item = (w0.panels + pgroups - 1) / pgroups;
+  const DotFn dot = isa_->dot;
+  const EpilogueFn epilogue = isa_->epilogue;
+  const int64_t ps = s.sw * Cp;
+  auto work = [&](size_t item) {
+    const int64_t pg = int64_t(item) % pgroups, r = int64_t(item) / pgroups;
+    const int64_t oy = r % OH, ng = r / OH, n = ng / G, g = ng % G;
+    const W2A8Weights& wg = groups_[g];
+    const uint8_t* arow = buf + ng * block + oy * s.sh * Wp * Cp;
+    alignas(64) int32_t tile[kMaxRun * kPanel];
+    alignas(64) float ftile[kMaxRun * kPanel];
+    PanelEpilogue e;
+    const int64_t p_end = std::min(wg.panels, (pg + 1) * per_item);
+    for (int64_t p = pg * per_item; p < p_end; ++p) {
+      const int64_t nk = std::min<int64_t>(kPanel, Kg - p * kPanel);
+      const int32_t* wsum = wg.wsum.data() + p * kPanel;
+      e.set(wsum, z, mul.data() + g * Kg + p * kPanel, bias ? bias + g * Kg + p * kPanel : nullptr, nk);
+      for (int64_t ox0 = 0; ox0 < OW; ox0 += kMaxRun) {
+        const int np = static_cast<int>(std::min<int64_t>(kMaxRun, OW - ox0));
+        dot(arow + ox0 * ps, ps, off.data(), wg.nblocks, wg.panel(p), wsum, np, tile);
+        epilogue(tile, np, e.zc, e.mul, e.add, lo, hi, ftile);
+        float* dst = y + ((n * s.K + g * Kg + p * kPanel) * OH + oy) * OW + ox0;
+        for (int64_t c = 0; c < nk; ++c)
+          for (int j = 0; j < np; ++j) dst[c * OH * OW + j] = ftile[j * kPanel + c];
+      }
+    }
+  };
+  parallel_for(context, static_cast<size_t>(rows * pgroups), work);
+}
+
+void W2A8Conv::run_depthwise(OrtKernelContext* context, const float* x, int64_t N, int64_t H, int64_t W,
+                             int64_t OH, int64_t OW, const ActQuant& q, const float* mul, const float* bias,
+                             float lo, float hi, float* y) const {
+  const W2A8ConvShape& s = s_;
+  const int64_t C = s.group, Kg = s.K / s.group, taps = s.kH * s.kW;
+  const int64_t Hp = H + s.pt + s.pb, Wp = W + s.pl + s.pr;
+  const int64_t plane = Hp * Wp + 64;
+  uint8_t* buf = byte_scratch(static_cast<size_t>(N * C * plane));
+  const float inv = 1.0f / q.scale;
+  const int32_t z = q.zero_point;
+  const uint8_t zb = static_cast<uint8_t>(z);
+  const QuantizeRowFn quantize_row = isa_->quantize_row;
+  auto fill = [&](size_t item) {
+    uint8_t* dst = buf + int64_t(item) * plane;
+    const float* src = x + int64_t(item) * H * W;
+    std::memset(dst, zb, static_cast<size_t>(plane));
+    for (int64_t h = 0; h < H; ++h) quantize_row(src + h * W, W, inv, z, dst + (h + s.pt) * Wp + s.pl);
+  };
+  parallel_for(context, static_cast<size_t>(N * C), fill);
+  const DepthwiseRowFn row_fn = isa_->depthwise_row;
+  constexpr int64_t kChunkOut = 256;
+  auto work = [&](size_t item) {
+    const int64_t n = int64_t(item) / s.K, k = int64_t(item) % s.K, c = k / Kg;
+    const uint8_t* src = buf + (n * C + c) * plane;
+    const int8_t* wk = dw_weights_.data() + k * taps;
+    const float m = mul[k], bi = bias ? bias[k] : 0.0f;
+    const int32_t zc = z * dw_wsum_[k];
+    int32_t acc[kChunkOut];
+    for (int64_t oy = 0; oy < OH; ++oy) {
+      float* dst = y + ((n * s.K + k) * OH + oy) * OW;
+      for (int64_t ox0 = 0; ox0 < OW; ox0 += kChunkOut) {
+        const int64_t cnt = std::min(kChunkOut, OW - ox0);
+        row_fn(src + oy * s.sh * Wp + ox0 * s.sw, Wp, wk, int(s.kH), int(s.kW), int(s.dh), int(s.dw), int(s.sw), cnt,
+               acc);
+        for (int64_t j = 0; j < cnt; ++j) dst[ox0 + j] = clamp_out(float(acc[j] - zc) * m + bi, lo, hi);
+      }
+    }
+  };
+  parallel_for(context, static_cast<size_t>(N * s.K), work);
+}
+
+// ------------------------------------------------------------------ gemm
+
+W2A8Gemm::W2A8Gemm(int64_t N, int64_t Kin, const int8_t* dense) : N_(N), Kin_(Kin), isa_(&w2a8_isa()) {
+  Kp_ = round4(Kin);
+  w_ = pack_w2a8(N, Kp_ / 4, [&](int64_t n, int64_t q, int e) -> int {
+    const int64_t i = 4 * q + e;
+    return i < Kin ? dense[n * Kin + i] : 0;
+  });
+  offsets_.assign(static_cast<size_t>(w_.nblocks * 4), 0);
+  for (int64_t q = 0; q < Kp_ / 4; ++q) offsets_[q] = static_cast<int32_t>(4 * q);
+}
+
+void W2A8Gemm::run(OrtKernelContext* context, const float* x, int64_t M, const ActQuant& q, const float* alpha,
+                   const float* bias, float lo, float hi, float* y) const {
+  const int64_t N = N_, Kin = Kin_, Kp = Kp_;
+  uint8_t* buf = byte_scratch(static_cast<size_t>(M * Kp + 64));
+  const float inv = 1.0f / q.scale;
+  const int32_t z = q.zero_point;
+  const QuantizeRowFn quantize_row = isa_->quantize_row;
+  auto fill = [&](size_t item) {
+    const int64_t m = int64_t(item);
+    uint8_t* dst = buf + m * Kp;
+    quantize_row(x + m * Kin, Kin, inv, z, dst);
+    for (int64_t i = Kin; i < Kp; ++i) dst[i] = static_cast<uint8_t>(z);
+  };
+  parallel_for(context, static_cast<size_t>(M), fill);
+  std::vector<float> mul(static_cast<size_t>(N));
+  for (int64_t n = 0; n < N; ++n) mul[n] = alpha[n] * q.scale;
+  const int64_t runs = (M + kMaxRun - 1) / kMaxRun;
+  const int64_t pgroups = std::min(w_.panels, std::max<int64_t>(1, (kMinItems + runs - 1) / runs));
+  const int64_t per_item = (w_.panels + pgroups - 1) / pgroups;
+  const DotFn dot = isa_->dot;
+  const EpilogueFn epilogue = isa_->epilogue;
+  auto work = [&](size_t item) {
+    const int64_t pg = int64_t(item) % pgroups, r = int64_t(item) / pgroups;
+    const int64_t m0 = r * kMaxRun;
+    const int np = static_cast<int>(std::min<int64_t>(kMaxRun, M - m0));
+    alignas(64) int32_t tile[kMaxRun * kPanel];
+    alignas(64) float ftile[kMaxRun * kPanel];
+    PanelEpilogue e;
+    const int64_t p_end = std::min(w_.panels, (pg + 1) * per_item);
+    for (int64_t p = pg * per_item; p < p_end; ++p) {
+      const int32_t* wsum = w_.wsum.data() + p * kPanel;
+      const int64_t nk = std::min<int64_t>(kPanel, N - p * kPanel);
+      e.set(wsum, z, mul.data() + p * kPanel, bias ? bias + p * kPanel : nullptr, nk);
+      dot(buf + m0 * Kp, Kp, offsets_.data(), w_.nblocks, w_.panel(p), wsum, np, tile);
+      epilogue(tile, np, e.zc, e.mul, e.add, lo, hi, ftile);
+      for (int j = 0; j < np; ++j)
+        std::memcpy(y + (m0 + j) * N + p * kPanel, ftile + j * kPanel, sizeof(float) * static_cast<size_t>(nk));
+    }
+  };
+  parallel_for(context, static_cast<size_t>(runs * pgroups), work);
+}
+
+}  // namespace ocomp

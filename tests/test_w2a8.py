@@ -1,0 +1,342 @@
+"""W2A8 (int8 activations) in the ocomp runtime: TernaryConv / TernaryGemm / TernaryMatMul with act_scale,
+act_zero_point or act_quant="dynamic", and the fused activation attribute.
+
+The integer paths are exact, so outputs are compared for equality:
+  * against an independent numpy reference (quantize, integer convolution in int64, the float32 epilogue
+    float32(acc - z * wsum) * float32(alpha * s) + bias, clamp), and
+  * between every W2A8 path the CPU runs (OCOMP_ISA=scalar, avx2, avxvnni-evex, avx512vnni, ...), each in a
+    fresh process because the path is chosen once per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ocomp.runtime as rt
+from ocomp.passes.ternary import pack_ternary
+
+from test_runtime import conv_attrs, expect_ort_error, require_library, run_ternary, ternary, ternary_node_model
+
+TESTS = Path(__file__).resolve().parent
+
+# (n, cg, kg, group, h, w, kh, kw, strides, pads, dilations): 3x3 stride 1/2, 1x1, depthwise, grouped,
+# dilated; channel counts that are not multiples of 4 (quads) or 16 (panels); widths that are not
+# multiples of the 8-pixel run.
+CONV_CASES = [
+    (1, 16, 32, 1, 9, 11, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (2, 5, 20, 1, 13, 17, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1)),
+    (1, 64, 40, 1, 7, 7, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (1, 3, 7, 2, 10, 10, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1)),
+    (1, 33, 17, 1, 6, 5, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1)),
+    (1, 1, 1, 8, 11, 9, 3, 3, (2, 2), (1, 0, 1, 2), (1, 2)),  # depthwise, strided, dilated
+    (2, 1, 2, 6, 12, 12, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),  # depthwise multiplier 2
+    (1, 6, 9, 1, 12, 19, 5, 3, (1, 2), (2, 1, 2, 1), (2, 1)),
+    (1, 1, 16, 1, 28, 28, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),  # a first layer: one input channel
+]
+# (M, Kin, N)
+GEMM_CASES = [(1, 512, 100), (3, 70, 30), (9, 129, 17), (20, 64, 1000)]
+
+
+def quantize(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """The documented rule: clamp(round_half_even(x * float32(1 / scale)) + z, 0, 255)."""
+    inv = np.float32(1.0) / np.float32(scale)
+    return np.clip(np.rint(x.astype(np.float32) * inv) + zero_point, 0, 255).astype(np.int64)
+
+
+def int_conv(q: np.ndarray, t: np.ndarray, z: int, attrs: dict) -> np.ndarray:
+    """sum over the window of (q - z) * t in int64 (zero-point padding contributes 0)."""
+    n, c, h, w = q.shape
+    k, cg, kh, kw = t.shape
+    g = attrs["group"]
+    sh, sw = attrs["strides"]
+    pt, pl, pb, pr = attrs["pads"]
+    dh, dw = attrs["dilations"]
+    xp = np.zeros((n, c, h + pt + pb, w + pl + pr), np.int64)
+    xp[:, :, pt:pt + h, pl:pl + w] = q - z
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    out = np.zeros((n, k, oh, ow), np.int64)
+    kg = k // g
+    for gi in range(g):
+        xs = xp[:, gi * cg:(gi + 1) * cg]
+        tg = t[gi * kg:(gi + 1) * kg].astype(np.int64)
+        for ky in range(kh):
+            for kx in range(kw):
+                patch = xs[:, :, ky * dh:ky * dh + sh * (oh - 1) + 1:sh, kx * dw:kx * dw + sw * (ow - 1) + 1:sw]
+                out[:, gi * kg:(gi + 1) * kg] += np.einsum("nchw,kc->nkhw", patch, tg[:, :, ky, kx])
+    return out
+
+
+def epilogue(acc: np.ndarray, alpha, bias, scale: float, channel_axis: int, lo=-np.inf, hi=np.inf) -> np.ndarray:
+    shape = [1] * acc.ndim
+    shape[channel_axis] = -1
+    mul = (np.asarray(alpha, np.float32) * np.float32(scale)).reshape(shape)
+    y = acc.astype(np.float32) * mul
+    if bias is not None:
+        y = y + np.asarray(bias, np.float32).reshape(shape)
+    return np.clip(y, np.float32(lo), np.float32(hi)).astype(np.float32)
+
+
+def conv_case(seed: int, case, scale=0.03, zero_point=117, activation=None, dynamic=False):
+    rng = np.random.default_rng(seed)
+    n, cg, kg, group, h, w, kh, kw, strides, pads, dilations = case
+    c, k = cg * group, kg * group
+    t = ternary(rng, (k, cg, kh, kw))
+    alpha = rng.uniform(0.5, 1.5, k).astype(np.float32)
+    bias = rng.normal(size=k).astype(np.float32)
+    attrs = conv_attrs(t.shape, strides, pads, dilations, group)
+    x = rng.normal(size=(n, c, h, w)).astype(np.float32) * 2
+    act = dict(act_quant="dynamic") if dynamic else dict(act_scale=scale, act_zero_point=zero_point)
+    if activation is not None:
+        act.update(activation)
+    model = ternary_node_model("TernaryConv", pack_ternary(t), alpha, bias, **attrs, **act)
+    return model, x, t, alpha, bias, attrs
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
+def test_conv_equals_integer_reference(case):
+    require_library()
+    scale, z = 0.03, 117
+    model, x, t, alpha, bias, attrs = conv_case(1, case, scale, z)
+    y = run_ternary(model, {"X": x})
+    ref = epilogue(int_conv(quantize(x, scale, z), t, z, attrs), alpha, bias, scale, 1)
+    np.testing.assert_array_equal(y, ref)
+
+
+@pytest.mark.parametrize("m,kin,n", GEMM_CASES)
+@pytest.mark.parametrize("op", ["TernaryGemm", "TernaryMatMul"])
+def test_gemm_equals_integer_reference(m, kin, n, op):
+    require_library()
+    rng = np.random.default_rng(m * 1000 + kin)
+    t = ternary(rng, (n, kin))
+    alpha = rng.uniform(0.01, 0.1, n).astype(np.float32)
+    bias = rng.normal(size=n).astype(np.float32)
+    x = rng.normal(size=(m, kin)).astype(np.float32)
+    scale, z = 0.02, 128
+    model = ternary_node_model(op, pack_ternary(t), alpha, bias, weight_shape=[n, kin], act_scale=scale,
+                               act_zero_point=z)
+    y = run_ternary(model, {"X": x})
+    acc = (quantize(x, scale, z) - z) @ t.astype(np.int64).T
+    np.testing.assert_array_equal(y, epilogue(acc, alpha, bias, scale, 1))
+
+
+def test_symmetric_default_zero_point_and_saturation():
+    """act_zero_point defaults to 0 (for non-negative inputs such as ReLU outputs): negatives clamp to code 0,
+    values beyond 255 * scale to 255."""
+    require_library()
+    rng = np.random.default_rng(3)
+    t = ternary(rng, (20, 40))
+    x = rng.normal(size=(4, 40)).astype(np.float32) * 3
+    model = ternary_node_model("TernaryGemm", pack_ternary(t), np.ones(20), None, weight_shape=[20, 40],
+                               act_scale=0.01)
+    y = run_ternary(model, {"X": x})
+    q = np.clip(np.rint(x * np.float32(100.0)), 0, 255).astype(np.int64)
+    assert (x * 100 > 255).any() and (x < 0).any()
+    np.testing.assert_array_equal(y, epilogue(q @ t.astype(np.int64).T, np.ones(20), None, 0.01, 1))
+
+
+def dynamic_quant(x: np.ndarray) -> tuple[float, int]:
+    """The documented dynamic rule (onnxruntime's DynamicQuantizeLinear): range [min(x, 0), max(x, 0)]."""
+    lo, hi = np.float32(min(float(x.min()), 0.0)), np.float32(max(float(x.max()), 0.0))
+    scale = np.float32((hi - lo) / np.float32(255.0))
+    z = int(np.clip(np.rint(-lo / scale), 0, 255))
+    return float(scale), z
+
+
+def test_dynamic_mode_equals_static_with_the_run_range():
+    require_library()
+    case = CONV_CASES[1]
+    model_dyn, x, t, alpha, bias, attrs = conv_case(5, case, dynamic=True)
+    for xs in (x, x * 0.1 + 0.3, np.abs(x)):
+        scale, z = dynamic_quant(xs)
+        y = run_ternary(model_dyn, {"X": xs})
+        ref = epilogue(int_conv(quantize(xs, scale, z), t, z, attrs), alpha, bias, scale, 1)
+        np.testing.assert_array_equal(y, ref)
+
+
+@pytest.mark.parametrize("activation,lo,hi", [(dict(activation="Relu"), 0.0, np.inf),
+                                              (dict(activation="Clip", clip_min=-0.5, clip_max=1.5), -0.5, 1.5)])
+def test_fused_activation(activation, lo, hi):
+    """activation=Relu/Clip clamps the output, on the W2A8 path and on the float path."""
+    require_library()
+    case = CONV_CASES[0]
+    model, x, t, alpha, bias, attrs = conv_case(7, case, activation=activation)
+    y = run_ternary(model, {"X": x})
+    ref = epilogue(int_conv(quantize(x, 0.03, 117), t, 117, attrs), alpha, bias, 0.03, 1, lo, hi)
+    np.testing.assert_array_equal(y, ref)
+    assert (y == np.float32(lo)).any()
+    float_model = ternary_node_model("TernaryConv", pack_ternary(t), alpha, bias, **attrs, **activation)
+    plain = ternary_node_model("TernaryConv", pack_ternary(t), alpha, bias, **attrs)
+    np.testing.assert_array_equal(run_ternary(float_model, {"X": x}),
+                                  np.clip(run_ternary(plain, {"X": x}), np.float32(lo), np.float32(hi)))
+
+
+def test_runtime_weights_and_threads():
+    """Weights fed as graph inputs take the same path (repacked per run); 2 threads give identical results."""
+    require_library()
+    case = CONV_CASES[2]
+    model, x, t, alpha, bias, attrs = conv_case(11, case)
+    y1 = run_ternary(model, {"X": x}, intra_op_num_threads=1)
+    y2 = run_ternary(model, {"X": x}, intra_op_num_threads=2)
+    np.testing.assert_array_equal(y1, y2)
+    dyn = ternary_node_model("TernaryConv", None, None, bias, constant=False, **attrs, act_scale=0.03,
+                             act_zero_point=117)
+    y3 = run_ternary(dyn, {"X": x, "P": pack_ternary(t), "A": alpha, "B": bias})
+    np.testing.assert_array_equal(y1, y3)
+
+
+def _bad(**act):
+    rng = np.random.default_rng(0)
+    t = ternary(rng, (4, 8))
+    return ternary_node_model("TernaryGemm", pack_ternary(t), np.ones(4), None, weight_shape=[4, 8], **act)
+
+
+@pytest.mark.parametrize("act,match", [
+    (dict(act_scale=0.0), "act_scale must be a finite number > 0"),
+    (dict(act_scale=-1.0), "act_scale must be a finite number > 0"),
+    (dict(act_scale=0.1, act_zero_point=256), "act_zero_point must be in [0, 255]"),
+    (dict(act_zero_point=3), "act_zero_point given without act_scale"),
+    (dict(act_quant="static"), "act_quant=static needs act_scale"),
+    (dict(act_quant="minmax"), "act_quant must be \"static\" or \"dynamic\""),
+    (dict(act_quant="dynamic", act_scale=0.1), "act_quant=dynamic takes no act_scale"),
+    (dict(act_scale=0.1, activation="Gelu"), "activation must be \"Relu\" or \"Clip\""),
+    (dict(activation="Clip", clip_min=2.0, clip_max=1.0), "clip_min must be <= clip_max"),
+])
+def test_bad_attributes_give_ort_errors(act, match):
+    require_library()
+    expect_ort_error(_bad(**act), {"X": np.zeros((1, 8), np.float32)}, match)
+
+
+def test_dynamic_mode_rejects_infinite_input():
+    require_library()
+    x = np.zeros((1, 8), np.float32)
+    x[0, 3] = np.inf
+    expect_ort_error(_bad(act_quant="dynamic"), {"X": x}, "infinite values")
+
+
+def test_float_path_unchanged_without_attributes():
+    """Without act_* attributes the op is the float add-only kernel (not quantized)."""
+    require_library()
+    rng = np.random.default_rng(2)
+    t = ternary(rng, (8, 16))
+    x = rng.normal(size=(2, 16)).astype(np.float32)
+    y = run_ternary(ternary_node_model("TernaryGemm", pack_ternary(t), np.ones(8), None, weight_shape=[8, 16]),
+                    {"X": x})
+    np.testing.assert_allclose(y, x.astype(np.float64) @ t.T, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- every path against the scalar reference
+
+_PATH_SCRIPT = textwrap.dedent(
+    """
+    import sys, json
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    import test_w2a8 as tw
+    import ocomp.runtime as rt
+    from test_runtime import run_ternary
+    try:
+        path = rt.w2a8_path()
+    except RuntimeError as e:
+        print(json.dumps({"error": str(e)}))
+        sys.exit(0)
+    outs = {}
+    for i, case in enumerate(tw.CONV_CASES):
+        model, x, *_ = tw.conv_case(100 + i, case)
+        outs[f"conv{i}"] = run_ternary(model, {"X": x})
+        model, x, *_ = tw.conv_case(200 + i, case, activation=dict(activation="Relu"))
+        outs[f"relu{i}"] = run_ternary(model, {"X": x})
+    for m, kin, n in tw.GEMM_CASES:
+        model, x = tw.gemm_model(m, kin, n)
+        outs[f"gemm{m}"] = run_ternary(model, {"X": x}, intra_op_num_threads=2)
+    np.savez(sys.argv[2], **outs)
+    print(json.dumps({"path": path}))
+    """
+)
+
+
+def gemm_model(m, kin, n):
+    rng = np.random.default_rng(kin)
+    t = ternary(rng, (n, kin))
+    x = rng.normal(size=(m, kin)).astype(np.float32)
+    return ternary_node_model("TernaryGemm", pack_ternary(t), rng.uniform(0.01, 0.1, n), rng.normal(size=n),
+                              weight_shape=[n, kin], act_quant="dynamic"), x
+
+
+def run_path(isa: str, out: Path) -> dict:
+    env = dict(os.environ, OCOMP_ISA=isa, OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _PATH_SCRIPT, str(TESTS), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+X86_PATHS = ["avx2", "avxvnni", "avxvnni-evex", "avx512vnni"]
+ARM_PATHS = ["neon", "neon-dot"]
+
+
+@pytest.mark.parametrize("isa", X86_PATHS + ARM_PATHS)
+def test_path_bit_exact_against_scalar(isa, tmp_path):
+    """Each SIMD path (forced with OCOMP_ISA) gives exactly the scalar reference's outputs."""
+    require_library()
+    ref = run_path("scalar", tmp_path / "scalar.npz")
+    assert ref == {"path": "scalar"}
+    got = run_path(isa, tmp_path / f"{isa}.npz")
+    if "error" in got:
+        assert "does not support" in got["error"] or "not a path of this build" in got["error"], got
+        pytest.skip(f"OCOMP_ISA={isa}: {got['error']}")
+    assert got == {"path": isa}
+    a, b = np.load(tmp_path / "scalar.npz"), np.load(tmp_path / f"{isa}.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for key in a.files:
+        np.testing.assert_array_equal(b[key], a[key], err_msg=f"{isa} vs scalar: {key}")
+
+
+def test_default_path_is_the_best_supported(tmp_path):
+    """Without OCOMP_ISA the library picks the widest path the CPU runs (read from /proc/cpuinfo here)."""
+    require_library()
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo to cross-check the CPUID choice")
+    flags = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            flags |= set(line.split(":", 1)[1].split())
+    env = {k: v for k, v in os.environ.items() if k != "OCOMP_ISA"}
+    proc = subprocess.run([sys.executable, "-c", "import ocomp.runtime as rt; print(rt.w2a8_path())"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    path = proc.stdout.strip()
+    if {"avx512_vnni", "avx512bw", "avx512vl"} <= flags:
+        expected = "avx512vnni"
+    elif "avx_vnni" in flags:
+        expected = "avxvnni"
+    elif "avx2" in flags:
+        expected = "avx2"
+    elif "asimddp" in flags:
+        expected = "neon-dot"
+    elif "asimd" in flags:
+        expected = "neon"
+    else:
+        expected = "scalar"
+    assert path == expected, (path, expected)
+
+
+def test_unknown_isa_is_an_error_at_session_creation():
+    require_library()
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import test_w2a8 as tw, numpy as np\n"
+              "from test_runtime import run_ternary\n"
+              "model, x = tw.gemm_model(1, 8, 4)\n"
+              "try:\n    run_ternary(model, {'X': x})\nexcept Exception as e:\n    print('ERR', e)\n")
+    env = dict(os.environ, OCOMP_ISA="sse9")
+    proc = subprocess.run([sys.executable, "-c", script, str(TESTS)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert "OCOMP_ISA=sse9 is not a path of this build" in proc.stdout, proc.stdout + proc.stderr
