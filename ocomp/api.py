@@ -123,7 +123,7 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
     if plot_folder:
         check_output_folder(plot_folder, "the --prune-plot folder", inputs)
     external: list[Path] = []
-    model = load_model(input_path, input_shapes, external_files=external)
+    model = load_model(input_path, input_shapes, require_static=False, external_files=external)
     if external:
         check_run_paths(inputs + [(f"the input model's external data file '{p.name}'", p) for p in external],
                         outputs)
@@ -301,12 +301,9 @@ def measure_latency(original: onnx.ModelProto, compressed: onnx.ModelProto, thre
 
 
 def _latency_session(model: onnx.ModelProto, threads: int | None):
-    from ocomp.runtime import session
+    from .session import make_session
 
-    options: dict[str, Any] = {"log_severity_level": 3}
-    if threads is not None:
-        options["intra_op_num_threads"] = threads
-    return session(model, **options)
+    return make_session(model, threads=threads)
 
 
 def _is_onnxruntime_error(exc: BaseException) -> bool:
@@ -383,7 +380,7 @@ def compare(path_a: str | os.PathLike, path_b: str | os.PathLike, inputs: str | 
             input_shapes: Mapping[str, Sequence[int]] | None = None, data_options: Any = None
             ) -> tuple[dict[str, dict[str, float]], int]:
     """Run A and B (custom ops included) on the same inputs; metrics for each output, and the sample count."""
-    from .evaluate import make_session
+    from .session import make_session
 
     model_a = load_model(path_a, input_shapes, require_static=False)
     model_b = load_model(path_b, input_shapes, require_static=False)

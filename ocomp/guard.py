@@ -12,11 +12,9 @@ The data is --eval when given, else a held-back tail of --calib (see `hold_back`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import numpy as np
 import onnx
 
 from .errors import GuardError, OcompError  # noqa: F401 - GuardError is raised by ocomp.api
@@ -73,60 +71,18 @@ def quiet_run_options():
     return options
 
 
-class _Output:
-    def __init__(self) -> None:
-        self.dot = self.norm_a = self.norm_b = self.noise = 0.0
-        self.agree = self.rows = 0
-        self.low, self.high = math.inf, -math.inf
-        self.intersection = self.union = 0
-        self.classifier = False
-        self.finite = True
-
-    def add(self, a: np.ndarray, b: np.ndarray) -> None:
-        if a.shape != b.shape:
-            raise OcompError(f"the compressed model's output has shape {b.shape}, the original's {a.shape}")
-        fa, fb = a.astype(np.float64).reshape(-1), b.astype(np.float64).reshape(-1)
-        if not (np.isfinite(fb).all() and np.isfinite(fa).all()):
-            self.finite = False
-            return
-        self.dot += float(fa @ fb)
-        self.norm_a += float(fa @ fa)
-        self.norm_b += float(fb @ fb)
-        self.noise += float((fa - fb) @ (fa - fb))
-        if a.ndim == 2 and a.shape[1] > 1:
-            self.classifier = True
-            self.agree += int(np.sum(a.argmax(1) == b.argmax(1)))
-            self.rows += a.shape[0]
-        elif fa.size:
-            self.low, self.high = min(self.low, float(fa.min())), max(self.high, float(fa.max()))
-            pa, pb = fa >= MAP_THRESHOLD, fb >= MAP_THRESHOLD
-            self.intersection += int(np.sum(pa & pb))
-            self.union += int(np.sum(pa | pb))
-
-    def result(self) -> dict[str, float]:
-        if not self.finite:
-            return {"cosine": float("nan"), "snr_db": float("nan"), "non_finite": True}
-        denom = math.sqrt(self.norm_a * self.norm_b)
-        out = {"cosine": self.dot / denom if denom > 0 else float(self.norm_a == self.norm_b),
-               "snr_db": 10 * math.log10(self.norm_a / self.noise) if self.noise > 0 else float("inf")}
-        if self.classifier:
-            out["agreement"] = self.agree / self.rows if self.rows else 1.0
-        elif 0.0 <= self.low and self.high <= 1.0:
-            out["map_iou"] = self.intersection / self.union if self.union else 1.0
-        return out
-
-
 def measure(original: onnx.ModelProto, compressed: onnx.ModelProto, dataset, progress: bool = False) -> dict:
     """{"samples", "outputs": {name: {"cosine", "snr_db", "agreement" | "map_iou"}}, and with labels
     "top1": {"original", "compressed"} for the first output}."""
-    from .evaluate import make_session
+    from .metrics import Accuracy, OutputMetrics
+    from .session import make_session
 
     names = [o.name for o in original.graph.output]
     if [o.name for o in compressed.graph.output] != names:
         raise OcompError("the compressed model's outputs differ from the original's; cannot measure fidelity")
     sessions = make_session(original), make_session(compressed)
-    outputs = {name: _Output() for name in names}
-    correct = [0, 0]
+    outputs = {name: OutputMetrics(MAP_THRESHOLD) for name in names}
+    accuracy = [Accuracy(), Accuracy()]
     samples = 0
     labelled = dataset.has_labels
     batches = dataset.batches()
@@ -142,11 +98,11 @@ def measure(original: onnx.ModelProto, compressed: onnx.ModelProto, dataset, pro
         for name, ya, yb in zip(names, a, b):
             outputs[name].add(ya, yb)
         if labelled and labels is not None and a[0].ndim == 2 and a[0].shape[1] > 1:
-            correct[0] += int(np.sum(a[0].argmax(1) == labels))
-            correct[1] += int(np.sum(b[0].argmax(1) == labels))
+            accuracy[0].add(a[0], labels)
+            accuracy[1].add(b[0], labels)
     result: dict[str, Any] = {"samples": samples, "outputs": {n: o.result() for n, o in outputs.items()}}
     if labelled and outputs[names[0]].classifier and samples:
-        result["top1"] = {"original": correct[0] / samples, "compressed": correct[1] / samples}
+        result["top1"] = {"original": accuracy[0].result()["top1"], "compressed": accuracy[1].result()["top1"]}
     return result
 
 

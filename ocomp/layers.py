@@ -68,6 +68,8 @@ class Kind:
     output_axis: ClassVar[int] = 1  # the channel axis of the output tensor (-1: the last)
     constant_input_folds: ClassVar[bool] = True  # a constant input channel adds a constant to every output
 
+    weight_ranks: ClassVar[tuple[int, ...]] = (2,)  # weight ranks the kind is a layer with
+
     def matches(self, node: gs.Node) -> bool:
         return node.op == self.op and (node.domain == CUSTOM_DOMAIN if self.ternary else is_standard(node))
 
@@ -117,6 +119,8 @@ class Kind:
 
 
 class _ConvLike(Kind):
+    weight_ranks = (3, 4, 5)
+
     def groups(self, node: gs.Node) -> int:
         return int(attr(node, "group", 1))
 
@@ -353,6 +357,7 @@ class _Ternary(Kind):
 
     ternary = True
     bias_index = 3
+    weight_ranks = (1,)  # the packed codes
 
     def weight(self, node):
         return constant_value(input_at(node, 1))  # the packed codes
@@ -601,10 +606,12 @@ class Layer:
 def layer_of(node: gs.Node) -> Layer | None:
     """The node as a weighted layer, or None (not in the table, or its weight is not a constant)."""
     kind = kind_of(node)
-    if kind is None or len(node.inputs) < 2 or kind.weight(node) is None:
+    if kind is None or len(node.inputs) < 2:
         return None
-    if not kind.ternary and not np.issubdtype(np.asarray(kind.weight(node)).dtype, np.number):
-        return None
+    weight = kind.weight(node)
+    if weight is None or np.ndim(weight) not in kind.weight_ranks or not np.issubdtype(np.asarray(weight).dtype,
+                                                                                       np.number):
+        return None  # (a MatMul by a vector, a 1-D Gemm weight: not a layer with channels)
     return Layer(node, kind)
 
 

@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from .layers import TERNARY_OPS, layer_of, numel
+from .layers import layer_of, numel
 from .model import graph_inputs, input_dims, with_outputs
 
 
@@ -164,7 +164,7 @@ def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
 class OutputMetrics:
     """Streaming comparison of one output with a reference output, batch by batch (float64 sums, no outputs
     kept): max abs / rel error, cosine, SNR in dB (the reference as the signal), top-1 agreement of class
-    scores (last axis > 1, rank >= 2) and, for score maps (other outputs whose reference values all lie in
+    scores ((N, C) outputs with C > 1) and, for score maps (other outputs whose reference values all lie in
     [0, 1]), the IoU of the maps thresholded at `map_threshold`. Non-finite values are counted, and make
     cosine and SNR NaN: they are never reported as a match."""
 
@@ -198,10 +198,9 @@ class OutputMetrics:
             self.max_abs = max(self.max_abs, float(np.abs(diff).max()))
             self.max_ref = max(self.max_ref, float(np.abs(a).max()))
             self.low, self.high = min(self.low, float(a.min())), max(self.high, float(a.max()))
-        if reference.ndim >= 2 and reference.shape[-1] > 1:
-            last = reference.shape[-1]
-            self.agree += int(np.sum(reference.reshape(-1, last).argmax(-1) == output.reshape(-1, last).argmax(-1)))
-            self.rows += reference.size // last
+        if reference.ndim == 2 and reference.shape[1] > 1:
+            self.agree += int(np.sum(reference.argmax(1) == output.argmax(1)))
+            self.rows += reference.shape[0]
         pa, pb = a >= self.map_threshold, b >= self.map_threshold
         self.intersection += int(np.sum(pa & pb))
         self.union += int(np.sum(pa | pb))

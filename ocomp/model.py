@@ -23,11 +23,10 @@ from onnx import external_data_helper, numpy_helper
 
 from . import __version__
 from .errors import OcompError, UsageError
+from .graph import CUSTOM_DOMAIN, STANDARD_DOMAINS
 
-CUSTOM_DOMAIN = "ocomp"
 CUSTOM_OPSET_VERSION = 1
 MIN_OPSET = 7
-_STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 def load_model(path: str | os.PathLike, input_shapes: Mapping[str, Sequence[int]] | None = None,
@@ -134,13 +133,13 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
 
 def default_opset(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
-        if imp.domain in _STANDARD_DOMAINS:
+        if imp.domain in STANDARD_DOMAINS:
             return imp.version
     return 0
 
 
 def uses_custom_ops(model: onnx.ModelProto) -> bool:
-    return any(n.domain not in _STANDARD_DOMAINS for n in model.graph.node)
+    return any(n.domain not in STANDARD_DOMAINS for n in model.graph.node)
 
 
 def check_model(model: onnx.ModelProto, what: str = "model") -> None:
@@ -370,7 +369,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import into onnx-graphsurgeon; Constant nodes become initializers so passes see one kind of constant."""
     graph = gs.import_onnx(model)
     for node in list(graph.nodes):
-        if node.op == "Constant" and node.domain in (None, *_STANDARD_DOMAINS) and "value" in node.attrs:
+        if node.op == "Constant" and node.domain in STANDARD_DOMAINS and "value" in node.attrs:
             value = node.attrs["value"]
             values = value.values if isinstance(value, gs.Constant) else np.asarray(value)
             out = node.outputs[0]
@@ -393,7 +392,7 @@ def _bypass_constant_identities(graph: gs.Graph) -> None:
     while changed:
         changed = False
         for node in list(graph.nodes):
-            if node.op != "Identity" or node.domain not in (None, *_STANDARD_DOMAINS) or not node.outputs:
+            if node.op != "Identity" or node.domain not in STANDARD_DOMAINS or not node.outputs:
                 continue
             source, out = node.inputs[0], node.outputs[0]
             if not isinstance(source, gs.Constant) or len(source.outputs) != 1 or out in graph.outputs:
@@ -414,7 +413,7 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """
     graph.cleanup().toposort()
     model = gs.export_onnx(graph, do_type_check=False)
-    custom_outputs = {o for n in model.graph.node if n.domain not in _STANDARD_DOMAINS for o in n.output}
+    custom_outputs = {o for n in model.graph.node if n.domain not in STANDARD_DOMAINS for o in n.output}
     kept = [v for v in model.graph.value_info if v.name in custom_outputs]
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept)

@@ -58,8 +58,8 @@ class Option:
             if not isinstance(value, (bool, np.bool_)):
                 raise ValueError(f"expected true/false, got {value!r}")
             return bool(value)
-        if self.type in (int, float) and isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
+        if isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"expected {getattr(self.type, '__name__', 'a value')}, got {value!r}")
         if self.type is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(f"expected an integer, got {value!r}")
         converted = self.type(value)
@@ -88,6 +88,19 @@ def fraction(value: Any) -> float:
     if not 0.0 <= number < 1.0:
         raise ValueError(f"expected a fraction in [0, 1), got {value!r}")
     return number
+
+
+def non_negative_int(value: Any) -> int:
+    """Option type: a whole number >= 0."""
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"expected a whole number, got {value!r}")
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"expected a whole number >= 0, got {value!r}")
+    return number
+
+
+non_negative_int.__name__ = "int"
 
 
 def positive_int(value: Any) -> int:

@@ -24,7 +24,7 @@ def make_session(model: onnx.ModelProto | bytes, threads: int | None = None, **o
     attributes. Raises OcompError when the model needs ocomp's ops and the runtime library is missing.
     """
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else bytes(model)
-    settings = {"log_severity_level": 3, **options}
+    settings = {"log_severity_level": 4, **options}  # errors reach the user as exceptions, not log lines
     if threads is not None:
         settings.update(intra_op_num_threads=int(threads), inter_op_num_threads=1)
     try:

@@ -11,7 +11,7 @@ import onnx
 from onnx import AttributeProto, numpy_helper
 
 from .errors import OcompError
-from .model import CUSTOM_DOMAIN
+from .graph import CUSTOM_DOMAIN
 
 TERNARY_OPS = ("TernaryConv", "TernaryGemm", "TernaryMatMul")
 MAX_WEIGHT_DIM = 1 << 24  # weight_shape values, as in the runtime

@@ -15,7 +15,7 @@ from ocomp.errors import UsageError
 from ocomp.graph import CUSTOM_DOMAIN, boundary_layers, input_at, unique_name
 from ocomp.layers import Unsupported, weighted_layers
 from ocomp.model import to_graph, to_model
-from ocomp.pipeline import Context, Option, Pass, Report, register
+from ocomp.pipeline import Context, Option, Pass, Report, non_negative_int, register
 
 from .foldbn import fold_bn, foldable_reason, sole_bn_consumer
 
@@ -82,7 +82,7 @@ class Ternary(Pass):
                "upstream), as is usual for ternary networks"),
         Option("keep_last", bool, True, "keep the last weighted layer(s) in float (those with no weighted layer "
                "downstream: the classifier, every head of a multi-output model)"),
-        Option("min_params", int, DEFAULT_MIN_PARAMS, "layers with fewer weights stay float: tiny layers (depthwise "
+        Option("min_params", non_negative_int, DEFAULT_MIN_PARAMS, "layers with fewer weights stay float: tiny layers (depthwise "
                "3x3, SE convs, small 1x1 shortcuts) save a few bytes and are the most sensitive to ternary"),
         Option("fold_bn", bool, False, "fold a following BatchNormalization into alpha and bias "
                "(off by default so bnrecal can recalibrate BN after ternary)"),

@@ -292,7 +292,7 @@ def test_symlink_loops_are_named(tmp_path: Path, plain: Path) -> None:
     ('passes = [1, 2]\n', 2, "'passes' must be a list of pass names"),
     ('passes = ["prune"]\nprune = 3\n', 2, "unknown recipe key 'prune'"),
     ('passes = ["prune"]\n[prune]\nmin_channels = true\n', 2, "--prune-min-channels: expected a value of type int"),
-    ('passes = ["ternary"]\n[ternary]\nmin_params = -5\n', 2, "--ternary-min-params: must not be negative"),
+    ('passes = ["ternary"]\n[ternary]\nmin_params = -5\n', 2, "--ternary-min-params: expected a whole number >= 0"),
     ('passes = ["prune"]\n[prune]\nratio = "lots"\n', 2, "--prune-ratio"),
 ])
 def test_recipe_errors_are_named(tmp_path: Path, plain: Path, text: str, code: int, needle: str) -> None:
@@ -399,11 +399,11 @@ def test_usage_errors_exit_2(tmp_path: Path, plain: Path) -> None:
     one_error(invoke("compress", plain, "-o", tmp_path / "o.onnx", "--passes", "foldbn", "--input-shape",
                      "nosuch=1,3,32,32"), 2, "the model has no input 'nosuch'")
     result = invoke("compress", plain, "-o", tmp_path / "o.onnx", "--passes", "ternary", "--ternary-min-params", "-5")
-    assert result.exit_code == 2 and "must not be negative" in result.stderr and "Traceback" not in result.stderr
+    assert result.exit_code == 2 and "expected a whole number >= 0" in result.stderr and "Traceback" not in result.stderr
     from ocomp import api
     from ocomp.errors import UsageError
 
-    with pytest.raises(UsageError, match="--ternary-min-params: must not be negative"):
+    with pytest.raises(UsageError, match="expected a whole number >= 0"):
         api.compress(plain, tmp_path / "o.onnx", "ternary", {"ternary": {"min_params": -5}})
     with pytest.raises(UsageError, match="--prune-min-channels: expected a value of type int, got True"):
         api.compress(plain, tmp_path / "o.onnx", "prune", {"prune": {"min_channels": True}})

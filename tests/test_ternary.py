@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 import zoo
 from ocomp.cli import main
 from ocomp.errors import UsageError
-from ocomp.metrics import TERNARY_OPS, compare_outputs, model_stats, topk_accuracy
+from ocomp.layers import TERNARY_OPS
+from ocomp.metrics import compare_outputs, model_stats, topk_accuracy
 from ocomp.model import infer_shapes, load_model, save_model
 from ocomp.passes.ternary import (dequantize, pack_ternary, ternarize_optimal, ternarize_twn, ternary_error,
                                   unpack_ternary)
