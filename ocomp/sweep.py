@@ -10,9 +10,9 @@ has run. So a sweep runs every node once over the data, whatever the number of s
 in depth. Nodes not run yet may be rewritten between requests (that is how each layer sees the repaired
 layers before it).
 
-Tensors are held for the whole calibration set, in memory up to `budget` bytes and beyond that in
-memory-mapped files in a temporary directory (deleted when the sweep is closed), so the memory a sweep
-takes is bounded by the budget plus one batch, whatever the data set's size.
+Tensors are held for the whole calibration set, in memory up to `budget` bytes and beyond that in files
+in a temporary directory (deleted when the sweep is closed; read back a batch at a time), so the memory a
+sweep takes is bounded by the budget plus one batch, whatever the data set's size.
 """
 
 from __future__ import annotations
@@ -33,54 +33,107 @@ from .graph import CUSTOM_DOMAIN, is_empty
 DEFAULT_BUDGET = 2**30  # bytes of calibration-set activations kept in memory (the rest is spilled)
 
 
+class DiskArray:
+    """A whole-set array spilled to a file, read and written by slices of samples (axis 0) with plain file
+    I/O. Not memory-mapped: pages of a mapped file count in the process's resident memory for as long as the
+    mapping lives, which would defeat the budget; read pages here live in the kernel's page cache only."""
+
+    def __init__(self, path: str, shape: Sequence[int], dtype):
+        self.path, self.shape, self.dtype = path, tuple(int(d) for d in shape), np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self.nbytes = self.row_bytes * self.shape[0]
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self._fd, self.nbytes)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _rows(self, key) -> range:
+        if isinstance(key, (int, np.integer)):
+            key = slice(int(key), int(key) + 1)
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("a spilled array is read and written by contiguous slices of samples")
+        return range(*key.indices(self.shape[0]))
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows = self._rows(key)
+        out = np.empty((len(rows),) + self.shape[1:], self.dtype)
+        if len(rows):
+            view = memoryview(out.reshape(-1).view(np.uint8))
+            offset, done = rows.start * self.row_bytes, 0
+            while done < out.nbytes:
+                done += os.preadv(self._fd, [view[done:]], offset + done)
+        return out[0] if isinstance(key, (int, np.integer)) else out
+
+    def __setitem__(self, key, value) -> None:
+        rows = self._rows(key)
+        data = np.ascontiguousarray(np.broadcast_to(np.asarray(value, self.dtype), (len(rows),) + self.shape[1:]))
+        view = memoryview(data.reshape(-1).view(np.uint8))
+        offset, done = rows.start * self.row_bytes, 0
+        while done < data.nbytes:
+            done += os.pwrite(self._fd, view[done:], offset + done)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+
+
 class Store:
-    """Whole-calibration-set arrays by tensor name: in memory up to `budget` bytes, spilled to memory-mapped
-    files beyond it."""
+    """Whole-calibration-set arrays by tensor name: in memory up to `budget` bytes, spilled to files beyond
+    it (`DiskArray`)."""
 
     def __init__(self, budget: int = DEFAULT_BUDGET):
         self.budget = int(budget)
-        self.arrays: dict[str, np.ndarray] = {}
+        self.arrays: dict[str, np.ndarray | DiskArray] = {}
         self.in_memory = 0
         self.peak = 0
         self.spilled = 0  # arrays written to disk so far
         self._folder: tempfile.TemporaryDirectory | None = None
-        self._files: dict[str, str] = {}
+        self._counted: set[str] = set()  # in-memory arrays that count against the budget
 
-    def allocate(self, name: str, shape: Sequence[int], dtype) -> np.ndarray:
+    def allocate(self, name: str, shape: Sequence[int], dtype) -> np.ndarray | DiskArray:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if self.in_memory + nbytes <= self.budget:
             array = np.empty(shape, dtype)
             self.in_memory += nbytes
             self.peak = max(self.peak, self.in_memory)
+            self._counted.add(name)
         else:
             if self._folder is None:
                 self._folder = tempfile.TemporaryDirectory(prefix="ocomp-sweep-")
-            path = os.path.join(self._folder.name, f"{self.spilled}.npy")  # (a running count: names never reused)
-            array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
-            self._files[name] = path
+            # (a running count: file names are never reused)
+            array = DiskArray(os.path.join(self._folder.name, f"{self.spilled}.bin"), shape, dtype)
             self.spilled += 1
         self.arrays[name] = array
         return array
 
+    def adopt(self, name: str, array: np.ndarray) -> None:
+        """Hold an array that lives elsewhere anyway (the calibration inputs): not copied, not counted."""
+        self.arrays[name] = array
+
     def __contains__(self, name: str) -> bool:
         return name in self.arrays
 
-    def __getitem__(self, name: str) -> np.ndarray:
+    def __getitem__(self, name: str) -> np.ndarray | DiskArray:
         return self.arrays[name]
 
     def free(self, name: str) -> None:
         array = self.arrays.pop(name, None)
-        if array is None:
-            return
-        path = self._files.pop(name, None)
-        if path is None:
+        if isinstance(array, DiskArray):
+            array.close()
+        elif name in self._counted:
+            self._counted.discard(name)
             self.in_memory -= array.nbytes
-        else:
-            del array
-            try:
-                os.remove(path)
-            except OSError:
-                pass
 
     def close(self) -> None:
         for name in list(self.arrays):
@@ -176,7 +229,7 @@ class Sweep:
         self.held: set[str] = set()  # what the last request returned: kept until the next one
         for name, array in calibration.arrays.items():
             if any(t.name == name for t in graph.inputs):
-                self.store.allocate(name, array.shape, array.dtype)[...] = array
+                self.store.adopt(name, array)
 
     @staticmethod
     def _variable_inputs(node: gs.Node) -> list[str]:

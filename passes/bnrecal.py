@@ -64,7 +64,7 @@ class BNRecal(Pass):
                "ResNet-20 +0.2 pt, PP-OCR cls -2 to -5 pt with 200 calibration images (it fits their noise)"),
         Option("memory", mebibytes, DEFAULT_BUDGET / 2**20, "MiB of calibration-set activations held in "
                "memory by each of the two sweeps (current and original model); the rest is spilled to "
-               "memory-mapped temporary files (0: everything)"),
+               "temporary files (0: everything)"),
     )
     needs = frozenset({"calibration"})
 

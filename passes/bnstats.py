@@ -23,6 +23,9 @@ from ocomp.layers import Layer, layer_of
 from ocomp.pipeline import Report
 
 
+CHUNK_BYTES = 32 * 2**20  # float32 bytes of samples summed at a time
+
+
 @dataclass
 class ChannelStats:
     count: int
@@ -38,20 +41,29 @@ class ChannelStats:
         return np.maximum(self.squares / self.count - self.mean**2, 0.0)
 
     @classmethod
-    def of(cls, values, axis: int) -> "ChannelStats":
-        """Statistics over every axis but `axis` of the arrays in `values` (float64 sums)."""
+    def of(cls, values, axis: int, absolute: bool = False) -> "ChannelStats":
+        """Statistics over every axis but `axis` of the arrays in `values` (float64 sums; with `absolute`,
+        `total` sums |x|).
+
+        Arrays may be whole-calibration-set tensors (possibly spilled to disk): they are read CHUNK_BYTES of
+        samples at a time, so no float64 (or transposed) copy of a whole tensor is ever made."""
         stats = None
         for value in values:
-            value = np.asarray(value)
+            value = value if hasattr(value, "ndim") else np.asarray(value)  # (a sweep's DiskArray: read by slices)
             ax = axis if axis >= 0 else value.ndim + axis
-            moved = np.moveaxis(value, ax, 0).reshape(value.shape[ax], -1).astype(np.float64)
-            part = cls(moved.shape[1], moved.sum(axis=1), np.einsum("ij,ij->i", moved, moved))
-            if stats is None:
-                stats = part
-            else:
-                stats.count += part.count
-                stats.total += part.total
-                stats.squares += part.squares
+            per_sample = max(value[:1].nbytes, 1)
+            step = max(1, CHUNK_BYTES // per_sample) if ax != 0 and value.ndim > 1 else len(value)
+            for lo in range(0, max(len(value), 1), step):
+                chunk = np.asarray(value[lo:lo + step])
+                moved = np.moveaxis(chunk, ax, 0).reshape(chunk.shape[ax], -1).astype(np.float64)
+                total = np.abs(moved).sum(axis=1) if absolute else moved.sum(axis=1)
+                part = cls(moved.shape[1], total, np.einsum("ij,ij->i", moved, moved))
+                if stats is None:
+                    stats = part
+                else:
+                    stats.count += part.count
+                    stats.total += part.total
+                    stats.squares += part.squares
         return stats
 
 

@@ -22,6 +22,7 @@ from ocomp.layers import layer_of
 from ocomp.sweep import Calibration, Sweep
 
 from . import channels as ch
+from .bnstats import ChannelStats
 from .channels import ChannelAnalysis, ChannelGroup
 
 CRITERIA = ("l1", "l2", "bn", "activation", "energy")
@@ -104,13 +105,8 @@ def activation_scores(graph: gs.Graph, analysis: ChannelAnalysis, group_ids, cal
     order = {t.name: i for i, n in enumerate(graph.nodes) for t in n.outputs}
     with Sweep(graph, Calibration.read(calibration), session_factory, opsets=opsets) as sweep:
         for name in sorted(wanted, key=lambda t: order.get(t, 0)):
-            value = sweep.get([name])[name]
-            axis = wanted[name] % value.ndim
-            reduce = tuple(i for i in range(value.ndim) if i != axis)
-            if criterion == "energy":
-                means[name] = np.square(value, dtype=np.float64).mean(axis=reduce)
-            else:
-                means[name] = np.abs(value).mean(axis=reduce, dtype=np.float64)
+            stats = ChannelStats.of([sweep.get([name])[name]], wanted[name], absolute=criterion == "activation")
+            means[name] = (stats.squares if criterion == "energy" else stats.total) / stats.count
     return means
 
 

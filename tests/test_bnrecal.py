@@ -183,6 +183,29 @@ def test_activations_spilled_to_disk_beyond_the_memory_budget() -> None:
         np.testing.assert_allclose(got[init.name], numpy_helper.to_array(init), rtol=1e-6, atol=1e-6)
 
 
+
+def test_store_spills_whole_arrays_to_files_read_back_by_slices(tmp_path: Path) -> None:
+    from ocomp.sweep import DiskArray, Store
+
+    store = Store(budget=1000)
+    small = store.allocate("small", (10, 20), np.float32)  # 800 bytes: in memory
+    big = store.allocate("big", (7, 3, 5), np.float32)  # would exceed the budget: a file
+    assert isinstance(small, np.ndarray) and isinstance(big, DiskArray) and store.spilled == 1
+    values = np.random.default_rng(0).normal(size=(7, 3, 5)).astype(np.float32)
+    big[0:4] = values[0:4]
+    big[4:7] = values[4:7]
+    np.testing.assert_array_equal(big[2:6], values[2:6])
+    np.testing.assert_array_equal(big[5], values[5])
+    np.testing.assert_array_equal(np.asarray(big), values)
+    with pytest.raises(TypeError):
+        big[::2]
+    path = big.path
+    store.free("big")
+    store.free("small")
+    assert store.in_memory == 0 and not Path(path).exists()
+    store.close()
+
+
 # ---------------------------------------------------------------- weight reconstruction (--bnrecal-reconstruct)
 
 
