@@ -128,20 +128,30 @@ def failures(figures: dict, options: GuardOptions) -> list[str]:
     return found
 
 
-def headline(figures: dict) -> str:
-    """The first output's main figure, e.g. "agreement 95.2%" (for the per-pass breakdown)."""
-    name, m = next(iter(figures["outputs"].items()))
+def output_figure(m: dict, top1_word: bool = True) -> str:
+    """One output's main fidelity figure: (top-1) agreement, map IoU or cosine."""
     if m.get("non_finite"):
         return "NaN/Inf"
-    parts = []
     if "agreement" in m:
-        parts.append(f"agreement {100 * m['agreement']:.1f}%")
-    elif "map_iou" in m:
-        parts.append(f"map IoU {100 * m['map_iou']:.1f}%")
-    else:
-        parts.append(f"cosine {m['cosine']:.4f}")
+        return f"{'top-1 ' if top1_word else ''}agreement {100 * m['agreement']:.1f}%"
+    if "map_iou" in m:
+        return f"map IoU {100 * m['map_iou']:.1f}%"
+    return f"cosine {m['cosine']:.4f}"
+
+
+def headline(figures: dict) -> str:
+    """The first output's main figure, e.g. "agreement 95.2%" (for the per-pass breakdown)."""
+    parts = [output_figure(next(iter(figures["outputs"].values())), top1_word=False)]
     if "top1" in figures:
         parts.append(f"top-1 {100 * figures['top1']['compressed']:.1f}%")
+    return ", ".join(parts)
+
+
+def summary(figures: dict) -> str:
+    """Every output's figure and the top-1 change, e.g. "'y' agreement 95.2%, top-1 92.0% -> 91.5%"."""
+    parts = [f"'{name}' {output_figure(m)}" for name, m in figures.get("outputs", {}).items()]
+    if "top1" in figures:
+        parts.append(f"top-1 {100 * figures['top1']['original']:.1f}% -> {100 * figures['top1']['compressed']:.1f}%")
     return ", ".join(parts)
 
 

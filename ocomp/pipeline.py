@@ -90,30 +90,23 @@ def fraction(value: Any) -> float:
     return number
 
 
-def non_negative_int(value: Any) -> int:
-    """Option type: a whole number >= 0."""
-    if isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"expected a whole number, got {value!r}")
-    number = int(value)
-    if number < 0:
-        raise ValueError(f"expected a whole number >= 0, got {value!r}")
-    return number
+def whole_number(minimum: int) -> Callable[[Any], int]:
+    """Option type: a whole number >= `minimum` (floats only when integral; booleans are refused earlier)."""
+
+    def convert(value: Any) -> int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected a whole number, got {value!r}")
+        number = int(value)
+        if number < minimum:
+            raise ValueError(f"expected a whole number >= {minimum}, got {value!r}")
+        return number
+
+    convert.__name__ = "int"
+    return convert
 
 
-non_negative_int.__name__ = "int"
-
-
-def positive_int(value: Any) -> int:
-    """Option type: a whole number >= 1."""
-    if isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"expected a whole number, got {value!r}")
-    number = int(value)
-    if number < 1:
-        raise ValueError(f"expected a whole number >= 1, got {value!r}")
-    return number
-
-
-positive_int.__name__ = "int"
+non_negative_int = whole_number(0)
+positive_int = whole_number(1)
 
 
 class OptionError(UsageError):

@@ -6,6 +6,7 @@ import json
 import math
 from typing import Any, Sequence
 
+from .guard import summary
 from .metrics import ModelStats
 from .pipeline import Report
 
@@ -101,7 +102,7 @@ def render_summary(reports: Sequence[Report], before: ModelStats, after: ModelSt
         notes.append(f"latency not measured: {latency['skipped']}")
     if guard is not None:
         if guard.get("passed"):
-            notes.append(f"accuracy guard: passed on {guard['data']} ({_guard_figures(guard)})")
+            notes.append(f"accuracy guard: passed on {guard['data']} ({summary(guard)})")
         elif guard.get("message"):
             notes.append(f"accuracy guard: FAILED on {guard['data']}, written anyway (--force): "
                          + "; ".join(guard.get("failures", [])))
@@ -110,20 +111,6 @@ def render_summary(reports: Sequence[Report], before: ModelStats, after: ModelSt
         notes.append(unknown_macs_note(before))
     note = "".join(f"\n{n}" for n in notes)
     return f"== summary: {passes}\n" + table(("", "original", "compressed", "ratio"), rows) + note
-
-
-def _guard_figures(guard: dict[str, Any]) -> str:
-    parts = []
-    for name, m in guard.get("outputs", {}).items():
-        if "agreement" in m:
-            parts.append(f"'{name}' top-1 agreement {100 * m['agreement']:.1f}%")
-        elif "map_iou" in m:
-            parts.append(f"'{name}' map IoU {100 * m['map_iou']:.1f}%")
-        else:
-            parts.append(f"'{name}' cosine {m['cosine']:.4f}")
-    if "top1" in guard:
-        parts.append(f"top-1 {100 * guard['top1']['original']:.1f}% -> {100 * guard['top1']['compressed']:.1f}%")
-    return ", ".join(parts)
 
 
 def unknown_macs_note(stats: ModelStats) -> str:
