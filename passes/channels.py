@@ -14,6 +14,17 @@ Vocabulary
   list of `Segment`s (Concat on the channel axis concatenates segments, Flatten
   gives each channel a block of H*W consecutive features). A segment with
   `atom=None` holds channels that never change (e.g. a graph input concatenated in).
+* **Constant channels**: a constant concatenated in on the channel axis (an initializer, a Constant, a
+  ConstantOfShape of a constant shape: BlazeFace's zero channels) or the channels a constant-mode Pad adds
+  on the channel axis (PyTorch BlazeFace's `F.pad`) are atoms of their own, owned by that node but produced
+  by no layer. Input channel i of such a Concat or Pad is output channel i + (channels before it); the
+  constant channels can be removed like any other by slicing the constant or shrinking the shape/pads, so
+  a residual Add of a conv branch with a zero-padded shortcut joins them with the conv's extra channels.
+  A group made only of constant channels (no layer produces it) is pinned.
+* When two tensors combined element-wise have the same channel count but different segment boundaries
+  (e.g. [shortcut 24 | zeros 4] + [conv 28]), the atoms are **split** at the boundaries (everywhere they
+  occur) so that the pieces can be unified: the conv's first 24 channels join the shortcut's group, its
+  last 4 the zeros'. A producer may thus hold several groups; `positions` says where each one lies.
 * `Consumer`s are the rewrite actions: which node must be sliced, how, and by the
   kept indices of which tensor. The kept indices of a tensor follow from the
   kept channels of the groups in its layout (`ChannelAnalysis.kept_indices`).
@@ -65,6 +76,8 @@ NORM = "norm"                # BatchNormalization / InstanceNormalization parame
 CONST = "const"              # a per-channel constant operand of an element-wise op
 RESHAPE = "reshape"          # the constant target shape of a Reshape
 RESIZE = "resize"            # the constant `sizes` of a Resize
+SHAPE = "shape"              # the constant shape input of a ConstantOfShape whose output is concatenated in
+PAD = "pad"                  # the channel pads of a Pad (pads[axis], pads[axis + n]; index -1: the attribute)
 EXIT_KINDS = (LAYER_IN,)  # where channels are summed away (dead-channel folding happens here)
 PRODUCER_KINDS = (LAYER_OUT,)
 
@@ -98,7 +111,8 @@ class Consumer:
     """A rewrite action: slice `node` (how: `kind`) by the kept indices of tensor `tensor`.
 
     `index` is the node input concerned (the constant for CONST, the shape for
-    RESHAPE, the sizes for RESIZE) and `axis` the axis of that constant to slice.
+    RESHAPE/SHAPE, the sizes for RESIZE, the pads for PAD, -1 when they are an attribute) and `axis` the
+    axis of that constant to slice (for PAD: where the channel axis is among the padded axes).
     """
 
     node: gs.Node
@@ -158,6 +172,10 @@ class ChannelAnalysis:
             if any(p.name == name for p in g.producers):
                 return g
         return None
+
+    def groups_of_node(self, name: str) -> list[ChannelGroup]:
+        """Every group whose producers include node `name` (several when its output channels were split)."""
+        return [g for g in self.groups if any(p.name == name for p in g.producers)]
 
     def group_of_tensor(self, name: str) -> list[ChannelGroup]:
         layout = self.layouts.get(name)
@@ -231,7 +249,70 @@ def _axes_of(node: gs.Node, rank: int, cache: dict) -> list[int] | None:
     return [int(a) % rank for a in axes]
 
 
+def pads_of(node: gs.Node, rank: int, cache: dict | None = None) -> tuple[list[int], list[int]] | None:
+    """A Pad node's (pads, axes): pads as [begins..., ends...] over `axes` (normalized, all axes when the
+    node has no `axes`); None when the pads or axes are computed."""
+    pads = attr(node, "pads")
+    if pads is None:
+        pads = constant_value(input_at(node, 1), cache)
+    if pads is None:
+        return None
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    axes = _axes_of(node, rank, {} if cache is None else cache)
+    if axes is None:
+        return None
+    axes = axes or list(range(rank))
+    return (pads, axes) if len(pads) == 2 * len(axes) else None
+
+
+def pad_value(node: gs.Node, cache: dict | None = None) -> float | None:
+    """The constant a constant-mode Pad fills with (0 by default); None when computed or not constant mode."""
+    if attr(node, "mode", "constant") != "constant":
+        return None
+    t = input_at(node, 2)
+    value = constant_value(t, cache) if t is not None else np.asarray(attr(node, "value", 0.0))
+    if value is None or value.size != 1:
+        return None
+    return float(value.reshape(-1)[0])
+
+
 # ---------------------------------------------------------------- analysis
+
+
+def _split_segments(segments: Iterable[Segment], mapping: Mapping[int, int], k: int) -> tuple[Segment, ...]:
+    """`segments` with each segment of an atom in `mapping` cut after k channels (the rest to its new atom)."""
+    out: list[Segment] = []
+    for s in segments:
+        if s.atom in mapping:
+            out += [Segment(s.atom, k, s.block), Segment(mapping[s.atom], s.size - k, s.block)]
+        else:
+            out.append(s)
+    return tuple(out)
+
+
+def _alignable(a: Layout, b: Layout) -> bool:
+    """Whether `a` and `b` can be cut at the same places: same total, and every piece between the union of
+    their segment boundaries lies in segments of the same block size, a whole number of blocks long."""
+    if a.total != b.total:
+        return False
+
+    def pieces(layout: Layout) -> list[tuple[int, int]]:
+        out, offset = [], 0
+        for s in layout.segments:
+            offset += s.size * s.block
+            out.append((offset, s.block))
+        return out
+
+    pa, pb = pieces(a), pieces(b)
+    cuts = sorted({end for end, _ in pa} | {end for end, _ in pb})
+    start = 0
+    for end in cuts:
+        block_a = next(blk for stop, blk in pa if stop >= end)
+        block_b = next(blk for stop, blk in pb if stop >= end)
+        if block_a != block_b or (end - start) % block_a:
+            return False
+        start = end
+    return True
 
 
 class _Builder:
@@ -240,16 +321,18 @@ class _Builder:
         self.parent: list[int] = []
         self.size: list[int] = []
         self.owner: list[gs.Node] = []
+        self.constant: list[bool] = []  # constant channels (concatenated or padded in), produced by no layer
         self.pins: list[list[tuple[str, str, str]]] = []
         self.layouts: dict[str, Layout] = {}
         self.actions: list[Consumer] = []
         self.cache: dict = {}
 
     # union-find
-    def new_atom(self, owner: gs.Node, size: int) -> int:
+    def new_atom(self, owner: gs.Node, size: int, constant: bool = False) -> int:
         self.parent.append(len(self.parent))
         self.size.append(int(size))
         self.owner.append(owner)
+        self.constant.append(constant)
         self.pins.append([])
         return len(self.parent) - 1
 
@@ -278,20 +361,96 @@ class _Builder:
             if s.atom is not None:
                 self.pin_atom(s.atom, node, reason)
 
+    def split(self, atom: int, k: int) -> dict[int, int]:
+        """Split the atoms of `atom`'s group after their first `k` channels, everywhere: each member atom keeps
+        its first k channels and a new atom (same owner) takes the rest; the new atoms form one group (with
+        the same pins). Every stored layout is rewritten; returns {old atom: new atom}."""
+        root = self.find(atom)
+        members = [a for a in range(len(self.parent)) if self.find(a) == root]  # ascending: the root first
+        mapping = {}
+        for m in members:
+            mapping[m] = self.new_atom(self.owner[m], self.size[m] - k, self.constant[m])
+            self.size[m] = k
+        first = mapping[root]
+        self.pins[first] = list(self.pins[root])
+        for m in members[1:]:
+            self.union(first, mapping[m])
+        for name, lay in self.layouts.items():
+            if any(s.atom in mapping for s in lay.segments):
+                self.layouts[name] = Layout(lay.axis, _split_segments(lay.segments, mapping, k))
+        return mapping
+
+    def align(self, a: Layout, b: Layout) -> tuple[tuple[Segment, ...], tuple[Segment, ...]] | None:
+        """The segments of `a` and `b` cut at the same places (atoms split where needed, see `split`);
+        None when they cannot be (different totals, or a cut inside a flattened block)."""
+        if not _alignable(a, b):
+            return None
+        sa, sb = list(a.segments), list(b.segments)
+        i = 0
+        while i < len(sa) and i < len(sb):
+            x, y = sa[i], sb[i]
+            if x.block != y.block:
+                return None
+            if x.size != y.size:
+                big = x if x.size > y.size else y
+                k = min(x.size, y.size)
+                if big.atom is None:  # channels that never change: cut locally
+                    pieces = (Segment(None, k, big.block), Segment(None, big.size - k, big.block))
+                    target = sa if big is x else sb
+                    target[i:i + 1] = pieces
+                else:
+                    mapping = self.split(big.atom, k)
+                    sa = list(_split_segments(sa, mapping, k))
+                    sb = list(_split_segments(sb, mapping, k))
+                    i = 0  # the split group may also lie in the part already matched
+                continue
+            i += 1
+        return (tuple(sa), tuple(sb)) if len(sa) == len(sb) else None
+
     def unify(self, a: Layout, b: Layout, node: gs.Node) -> bool:
-        """Require the same channel subset in `a` and `b`; pin both when their layouts cannot be matched."""
-        if len(a.segments) == len(b.segments) and all(
-                x.size == y.size and x.block == y.block for x, y in zip(a.segments, b.segments)):
-            for x, y in zip(a.segments, b.segments):
+        """Require the same channel subset in `a` and `b` (splitting atoms so their segments match); pin both
+        when their layouts cannot be matched. Layouts held by the caller may be stale afterwards."""
+        aligned = self.align(a, b)
+        if aligned is not None:
+            for x, y in zip(*aligned):
                 if x.atom is not None and y.atom is not None:
                     self.union(x.atom, y.atom)
                 elif x.atom is not None or y.atom is not None:
                     atom = x.atom if x.atom is not None else y.atom
                     self.pin_atom(atom, node, "combined with channels that cannot change")
             return True
-        self.pin(a, node, "combined with a tensor whose channel layout differs (Concat segments)")
-        self.pin(b, node, "combined with a tensor whose channel layout differs (Concat segments)")
+        reason = ("combined with a tensor of another channel count" if a.total != b.total else
+                  "combined with a tensor whose flattened channel blocks do not line up")
+        self.pin(a, node, reason)
+        self.pin(b, node, reason)
         return False
+
+    def constant_channels(self, node: gs.Node, index: int, axis: int, size: int) -> int | None:
+        """An atom for the `size` channels that constant input `index` of `node` (a Concat) puts on the
+        channel axis, with the action that shrinks it; None when the input is not a constant used only
+        there (an initializer, a Constant, or a ConstantOfShape of a constant shape)."""
+        t = node.inputs[index]
+        if len(t.outputs) != 1 or sum(x is t for x in node.inputs) != 1 or \
+                any(t is o for o in self.graph.outputs):
+            return None
+        rank = rank_of(node.outputs[0])
+        value = constant_value(t, self.cache)
+        if value is not None:
+            if value.ndim != rank or value.shape[axis] != size:
+                return None
+            atom = self.new_atom(node, size, constant=True)
+            self.act(node, CONST, t.name, index=index, axis=axis)
+        else:
+            fill = t.inputs[0] if len(t.inputs) == 1 else None
+            if fill is None or fill.op != "ConstantOfShape" or not is_standard(fill):
+                return None
+            shape = constant_value(input_at(fill, 0), self.cache)
+            if shape is None or shape.ndim != 1 or len(shape) != rank or int(shape[axis]) != size:
+                return None
+            atom = self.new_atom(fill, size, constant=True)
+            self.act(fill, SHAPE, t.name, index=0, axis=axis)
+        self.layouts[t.name] = Layout(axis, (Segment(atom, size),))
+        return atom
 
     def act(self, node: gs.Node, kind: str, tensor: str, index: int = 0, axis: int = 0) -> None:
         self.actions.append(Consumer(node, kind, tensor, index, axis))
@@ -434,12 +593,12 @@ class _Builder:
         if len(axes) != 1:
             return self.pin_inputs(node, f"{node.op} combines tensors tracked on different axes")
         axis = axes.pop()
-        first = tracked[0][2]
         ok = True
-        for _, _, lay in tracked[1:]:
-            ok = self.unify(first, lay, node) and ok
+        for _, t, _ in tracked[1:]:
+            ok = self.unify(self.layouts[tracked[0][1].name], self.layouts[t.name], node) and ok
         if not ok:
             return
+        first = self.layouts[tracked[0][1].name]  # unify may have split its atoms
         for i, t in enumerate(node.inputs):
             if t.name in self.layouts:
                 continue
@@ -575,21 +734,30 @@ class _Builder:
         x = node.inputs[0]
         lx = self.layout(x)
         r = rank_of(x)
-        pads = attr(node, "pads")
-        if pads is None:
-            pads = constant_value(input_at(node, 1), self.cache)
-        if pads is None or r is None:
-            return self.pin(lx, node, "Pad with computed pads")
-        pads = [int(p) for p in np.asarray(pads).reshape(-1)]
-        axes = _axes_of(node, r, self.cache)
-        if axes is None:
-            return self.pin(lx, node, "Pad with computed axes")
-        axes = axes or list(range(r))
+        found = pads_of(node, r, self.cache) if r is not None else None
+        if found is None:
+            return self.pin(lx, node, "Pad with computed pads or axes")
+        pads, axes = found
         n = len(axes)
         touched = {axes[i] for i in range(n) if pads[i] != 0 or pads[i + n] != 0}
-        if lx.axis in touched:
-            return self.pin(lx, node, "Pad of the channel axis")
-        self.set_layout(node.outputs[0], lx)
+        if lx.axis not in touched:
+            return self.set_layout(node.outputs[0], lx)
+        # padding the channel axis with a constant: new constant channels before and after the input's
+        k = axes.index(lx.axis)
+        before, after = pads[k], pads[k + n]
+        if pad_value(node, self.cache) is None:
+            return self.pin(lx, node, "Pad of the channel axis that is not with a constant")
+        if before < 0 or after < 0:
+            return self.pin(lx, node, "Pad that crops the channel axis")
+        if lx.blocked():
+            return self.pin(lx, node, "Pad of flattened channels")
+        segs = list(lx.segments)
+        if before:
+            segs.insert(0, Segment(self.new_atom(node, before, constant=True), before))
+        if after:
+            segs.append(Segment(self.new_atom(node, after, constant=True), after))
+        self.act(node, PAD, node.outputs[0].name, index=-1 if attr(node, "pads") is not None else 1, axis=k)
+        self.set_layout(node.outputs[0], Layout(lx.axis, tuple(segs)))
 
     def op_Slice(self, node: gs.Node) -> None:
         x = node.inputs[0]
@@ -636,7 +804,7 @@ class _Builder:
         tracked_axes = {self.layouts[t.name].axis for t in node.inputs if t.name in self.layouts}
         if tracked_axes == {axis}:
             segs: list[Segment] = []
-            for t in node.inputs:
+            for i, t in enumerate(node.inputs):
                 lay = self.layouts.get(t.name)
                 if lay is not None:
                     if lay.blocked():
@@ -647,13 +815,13 @@ class _Builder:
                 if dims is None or not isinstance(dims[axis], int):
                     return self.pin_inputs(node, "Concat with an input of unknown channel count")
                 if dims[axis]:
-                    segs.append(Segment(None, dims[axis]))
+                    segs.append(Segment(self.constant_channels(node, i, axis, dims[axis]), dims[axis]))
             self.set_layout(y, Layout(axis, tuple(segs)))
         elif len(tracked_axes) == 1 and all(t.name in self.layouts for t in node.inputs):
-            lays = [self.layouts[t.name] for t in node.inputs]
-            ok = all([self.unify(lays[0], lay, node) for lay in lays[1:]])
+            names = [t.name for t in node.inputs]
+            ok = all([self.unify(self.layouts[names[0]], self.layouts[n], node) for n in names[1:]])
             if ok:
-                self.set_layout(y, lays[0])
+                self.set_layout(y, self.layouts[names[0]])
         else:
             self.pin_inputs(node, "Concat mixing tracked and untracked channels on another axis")
 
@@ -709,24 +877,33 @@ def analyze(graph: gs.Graph) -> ChannelAnalysis:
                 if s.atom is not None:
                     b.pins[b.find(s.atom)].append((t.name, "graph output",
                                                    "reaches a graph output, whose shape must not change"))
-    groups: dict[int, ChannelGroup] = {}
-    used_ids: set[str] = set()
+    # a group is named after its first producer (its first atom when made only of constant channels)
+    naming: dict[int, int] = {}
     for atom in range(len(b.parent)):
         root = b.find(atom)
-        if root not in groups:
-            owner = b.owner[root]
-            gid = owner.name or owner.outputs[0].name
-            if gid in used_ids:
-                i = 1
-                while f"{gid}#{i}" in used_ids:
-                    i += 1
-                gid = f"{gid}#{i}"
-            used_ids.add(gid)
-            groups[root] = ChannelGroup(gid, b.size[root], root=root)
+        if root not in naming or b.constant[naming[root]] and not b.constant[atom]:
+            naming[root] = atom
+    groups: dict[int, ChannelGroup] = {}
+    used_ids: set[str] = set()
+    for root, atom in sorted(naming.items(), key=lambda item: item[1]):
+        owner = b.owner[atom]
+        gid = owner.name or owner.outputs[0].name
+        if gid in used_ids:
+            i = 1
+            while f"{gid}#{i}" in used_ids:
+                i += 1
+            gid = f"{gid}#{i}"
+        used_ids.add(gid)
+        groups[root] = ChannelGroup(gid, b.size[root], root=root)
     for atom in range(len(b.parent)):
         g = groups[b.find(atom)]
-        if b.owner[atom] not in g.producers:
+        if not b.constant[atom] and b.owner[atom] not in g.producers:
             g.producers.append(b.owner[atom])
+    for root, g in groups.items():
+        if not g.producers:
+            owner = b.owner[root]
+            b.pins[root].append((owner.name, owner.op, "holds only constant channels (concatenated or padded "
+                                 "in): no layer produces them"))
     tensors = graph.tensors()
     for name, lay in b.layouts.items():
         seen = set()

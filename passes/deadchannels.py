@@ -85,6 +85,10 @@ def _propagate(graph: gs.Graph, node: gs.Node, analysis: ChannelAnalysis, values
             out = x * rows.sum(axis=1).astype(np.float32) + bias
             return np.where(x == 0, bias, np.nan).astype(np.float32) if layer.has_padding() else out
         return np.where(~rows.any(axis=1), bias, np.nan).astype(np.float32)
+    if op == "ConstantOfShape":  # constant channels concatenated in (the analysis tracks only constant shapes)
+        fill = node.attrs.get("value")
+        fill = np.asarray(fill.values if isinstance(fill, gs.Constant) else (0.0 if fill is None else fill))
+        return np.full(total, np.float32(fill.reshape(-1)[0]), np.float32)
     if x is None:
         return None
     if op == "BatchNormalization":
@@ -136,14 +140,20 @@ def _propagate(graph: gs.Graph, node: gs.Node, analysis: ChannelAnalysis, values
             return np.where(x == 0, x, np.nan)
         return x
     if op == "Pad":
-        mode = attr(node, "mode", "constant")
-        if mode != "constant":
+        if attr(node, "mode", "constant") != "constant":
             return x
-        pad_t = input_at(node, 2)
-        pad_value = constant_value(pad_t, cache) if pad_t is not None else attr(node, "value", 0.0)
-        if pad_value is None:
+        value = ch.pad_value(node, cache)
+        found = ch.pads_of(node, len(first.shape), cache) if first.shape is not None else None
+        if value is None or found is None:
             return None
-        return np.where(x == np.float32(np.asarray(pad_value).reshape(-1)[0]), x, np.nan)
+        pads, axes = found
+        n, axis = len(axes), analysis.layouts[first.name].axis
+        spatial = any(pads[i] or pads[i + n] for i in range(n) if axes[i] != axis)
+        out = np.where(x == np.float32(value), x, np.nan) if spatial else x
+        if axis in axes:  # constant channels added before and after
+            k = axes.index(axis)
+            out = np.concatenate([np.full(pads[k], value), out, np.full(pads[k + n], value)])
+        return out.astype(np.float32)
     if op in ("Flatten", "Reshape"):
         in_lay, out_lay = analysis.layouts[first.name], analysis.layouts[y.name]
         block = out_lay.segments[0].block if out_lay.segments else 1
@@ -152,7 +162,12 @@ def _propagate(graph: gs.Graph, node: gs.Node, analysis: ChannelAnalysis, values
         lay = analysis.layouts[y.name]
         parts = []
         for t in node.inputs:
-            if t.name in analysis.layouts and analysis.layouts[t.name].axis == lay.axis:
+            value = constant_value(t, cache) if t.name not in values else None
+            if value is not None and value.ndim == len(y.shape):  # a constant concatenated in
+                rows = np.moveaxis(np.asarray(value, np.float32), lay.axis, 0).reshape(value.shape[lay.axis], -1)
+                uniform = (rows == rows[:, :1]).all(axis=1) if rows.shape[1] else np.zeros(len(rows), bool)
+                parts.append(np.where(uniform, rows[:, 0] if rows.shape[1] else np.nan, np.nan).astype(np.float32))
+            elif t.name in analysis.layouts and analysis.layouts[t.name].axis == lay.axis:
                 parts.append(_vec(values, analysis, t))
             else:
                 size = t.shape[lay.axis] if t.shape is not None else 0

@@ -57,8 +57,8 @@ def scores(group: ChannelGroup, analysis: ChannelAnalysis, criterion: str,
             return total, criterion, note
         criterion, note = "l1", "no BatchNormalization in the group: l1 used"
     if criterion == "activation":
-        for c in producers:
-            total += _normalized(activations[c.tensor])
+        for c in producers:  # a producer's output may hold several groups (split channels): this one's
+            total += _normalized(activations[c.tensor][analysis.positions(c.tensor, group.id)])
         return total, criterion, note
     if criterion == "energy":
         exits = [c for c in group.consumers if c.kind in ch.EXIT_KINDS]
@@ -68,7 +68,8 @@ def scores(group: ChannelGroup, analysis: ChannelAnalysis, criterion: str,
             return total, criterion, note
         criterion, note = "l1", "no layer sums the group's channels: l1 used"
     for c in producers:
-        total += _normalized(weight_scores(c.node, 1 if criterion == "l1" else 2))
+        rows = weight_scores(c.node, 1 if criterion == "l1" else 2)
+        total += _normalized(rows[analysis.positions(c.tensor, group.id)])
     return total, criterion, note
 
 

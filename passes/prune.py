@@ -156,15 +156,15 @@ class Prune(Pass):
         """Ratio per prunable group id from the options (ratio, layer, skip); None marks the groups the
         automatic scan decides."""
         opts = ctx.options
-        skipped = {_group_named(analysis, name, ctx, "skip").id for name in opts["skip"]}
+        skipped = {g.id for name in opts["skip"] for g in _groups_named(analysis, name, ctx, "skip")}
         overrides: dict[str, tuple[str, float]] = {}
         for name, value in opts["layer"]:
-            g = _group_named(analysis, name, ctx, "layer")
-            if g.id in overrides and overrides[g.id][1] != value:
-                other = overrides[g.id][0]
-                raise ctx.option_error("layer", f"'{name}' and '{other}' share one channel group ('{g.id}', they "
-                                       f"must keep the same channels); give one ratio for it")
-            overrides[g.id] = (name, value)
+            for g in _groups_named(analysis, name, ctx, "layer"):
+                if g.id in overrides and overrides[g.id][1] != value:
+                    other = overrides[g.id][0]
+                    raise ctx.option_error("layer", f"'{name}' and '{other}' share one channel group ('{g.id}', "
+                                           f"they must keep the same channels); give one ratio for it")
+                overrides[g.id] = (name, value)
         ratios: dict[str, float | None] = {}
         for g in analysis.groups:
             if g.id in skipped:
@@ -177,17 +177,19 @@ class Prune(Pass):
         return ratios
 
 
-def _group_named(analysis: ChannelAnalysis, name: str, ctx: Context, option: str) -> ChannelGroup:
+def _groups_named(analysis: ChannelAnalysis, name: str, ctx: Context, option: str) -> list[ChannelGroup]:
+    """The groups of the layer `name` (several when its output channels are split between groups, as a
+    conv added to a zero-padded shortcut), else the group with that id."""
+    groups = analysis.groups_of_node(name)
+    if groups:
+        return groups
     try:
-        return analysis.group(name)
+        return [analysis.group(name)]
     except KeyError:
         pass
-    group = analysis.group_of_node(name)
-    if group is None:
-        known = [g.id for g in analysis.groups]
-        sample = ", ".join(known[:6]) + (", ..." if len(known) > 6 else "")
-        raise ctx.option_error(option, f"no weighted layer or channel group named '{name}' (groups: {sample})")
-    return group
+    known = [g.id for g in analysis.groups]
+    sample = ", ".join(known[:6]) + (", ..." if len(known) > 6 else "")
+    raise ctx.option_error(option, f"no weighted layer or channel group named '{name}' (groups: {sample})")
 
 
 # ---------------------------------------------------------------- prune_graph

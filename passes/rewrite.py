@@ -1,7 +1,8 @@
 """The pruning rewrite: slice every node a channel group touches by the kept channels.
 
 Weighted layers are sliced through the layer table (ocomp/layers.py); BatchNorm/InstanceNorm
-parameters, per-channel constants of element-wise ops, and Reshape/Resize targets are sliced here; tensor
+parameters, per-channel constants of element-wise ops (and constants concatenated in on the channel axis),
+Reshape/Resize targets, ConstantOfShape shapes and channel Pad amounts are sliced here; tensor
 shapes are updated so the graph stays shape-consistent. Removed dead channels have their constant
 contribution folded into the consuming layer's bias first (passes/deadchannels.py found them).
 """
@@ -13,7 +14,7 @@ from typing import Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ocomp.graph import constant_value, input_at, set_constant
+from ocomp.graph import attr, constant_value, input_at, set_constant
 from ocomp.layers import layer_of
 
 from . import channels as ch
@@ -34,6 +35,20 @@ class Rewriter:
         if value.ndim == 0 or value.shape[axis] == 1:
             return  # broadcast along the channel axis (only shrinking axes of >= 2 channels get here)
         set_constant(self.graph, node, index, np.take(value, idx, axis=axis), f"{tensor.name or node.name}.pruned")
+
+    def _pad(self, node: gs.Node, c: ch.Consumer, idx: np.ndarray) -> None:
+        """Shrink a Pad's channel pads to the kept constant channels before and after its input's."""
+        pads = np.asarray(attr(node, "pads") if c.index < 0 else constant_value(input_at(node, c.index)),
+                          dtype=np.int64).reshape(-1).copy()
+        n = len(pads) // 2
+        before, after = int(pads[c.axis]), int(pads[c.axis + n])
+        total = self.analysis.layouts[c.tensor].total
+        pads[c.axis] = int(np.count_nonzero(idx < before))
+        pads[c.axis + n] = int(np.count_nonzero(idx >= total - after))
+        if c.index < 0:
+            node.attrs["pads"] = [int(p) for p in pads]
+        else:
+            set_constant(self.graph, node, c.index, pads, f"{node.name or c.tensor}.pruned_pads")
 
     def fold_constant_channels(self, group: ChannelGroup, removed: np.ndarray, values: dict) -> None:
         """Add the constant contribution of removed dead channels to each consumer's bias."""
@@ -74,10 +89,12 @@ class Rewriter:
                     self._take(node, i, idx, 0)
             elif c.kind == ch.CONST:
                 self._take(node, c.index, idx, c.axis)
-            elif c.kind in (ch.RESHAPE, ch.RESIZE):
+            elif c.kind in (ch.RESHAPE, ch.RESIZE, ch.SHAPE):
                 value = np.asarray(constant_value(input_at(node, c.index))).copy()
                 value[c.axis] = len(idx)
-                set_constant(self.graph, node, c.index, value, f"{node.name}.pruned_shape")
+                set_constant(self.graph, node, c.index, value, f"{node.name or c.tensor}.pruned_shape")
+            elif c.kind == ch.PAD:
+                self._pad(node, c, idx)
         for name, idx in indices.items():
             tensor = self.analysis.tensors.get(name)
             if isinstance(tensor, gs.Variable) and tensor.shape is not None:

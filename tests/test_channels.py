@@ -7,7 +7,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ocomp.model import infer_shapes, to_graph
-from ocomp.passes.channels import DEPTHWISE, LAYER_IN, NORM, RESHAPE, analyze
+from ocomp.passes.channels import DEPTHWISE, LAYER_IN, NORM, PAD, RESHAPE, SHAPE, analyze
 
 RNG = np.random.default_rng(0)
 
@@ -162,22 +162,67 @@ def test_pad_and_unknown_ops():
     a = g.conv("x", "a", 3, 4)
     spatial = g.node("Pad", [a, g.init("pads", [0, 0, 1, 1, 0, 0, 1, 1], np.int64)], "pad_hw")
     b = g.conv(spatial, "b", 4, 4)
-    chan = g.node("Pad", [b, g.init("pads_c", [0, 1, 0, 0, 0, 1, 0, 0], np.int64)], "pad_c")
+    chan = g.node("Pad", [b, g.init("pads_c", [0, 1, 0, 0, 0, 1, 0, 0], np.int64)], "pad_c", mode="reflect")
     c = g.conv(chan, "c", 6, 4)
     d = g.node("LpNormalization", [c], "lpnorm", axis=1)
     _, groups = groups_of(g.model(g.conv(d, "head", 4, 2)))
     assert groups["a"].pinned is None
-    assert groups["b"].pinned_by == [("pad_c", "Pad", "Pad of the channel axis")]
+    assert groups["b"].pinned_by == [("pad_c", "Pad", "Pad of the channel axis that is not with a constant")]
     assert groups["c"].pinned_by == [("lpnorm", "LpNormalization",
                                       "LpNormalization is not understood by the channel analysis")]
 
 
-def test_resize_and_reduce_mean_pass_channels_through():
+def test_channel_pad_maps_channels_and_adds_constant_channels():
     g = G()
     a = g.conv("x", "a", 3, 4)
-    up = g.node("Resize", [a, "", g.init("scales", [1, 1, 2, 2])], "up", mode="nearest")
-    m = g.node("ReduceMean", [up], "mean", axes=[2, 3], keepdims=1)
-    bad = g.node("Resize", [g.conv(m, "b", 4, 4, k=1), "", g.init("scales_c", [1, 2, 1, 1])], "up_c", mode="nearest")
-    _, groups = groups_of(g.model(g.conv(bad, "head", 8, 2)))
-    assert groups["a"].pinned is None and ("mean", 1) in groups["a"].members
-    assert groups["b"].pinned_by == [("up_c", "Resize", "Resize that scales the channel axis")]
+    p = g.node("Pad", [a, g.init("pads", [0, 2, 1, 1, 0, 1, 1, 1], np.int64)], "pad")  # 2 zeros before, 1 after
+    analysis, groups = groups_of(g.model(g.conv(p, "head", 7, 2)))
+    assert groups["a"].pinned is None and analysis.positions("pad", "a").tolist() == [2, 3, 4, 5]
+    zeros = [gr for gr in analysis.groups if not gr.producers]  # produced by no layer: left alone
+    assert [gr.size for gr in zeros] == [2, 1]
+    assert all("holds only constant channels" in gr.pinned for gr in zeros)
+    assert any(c.kind == PAD and c.node.name == "pad" for c in groups["a"].consumers)
+    assert analysis.kept_indices("pad", {"a": np.array([0, 3])}).tolist() == [0, 1, 2, 5, 6]
+
+
+def test_residual_with_zero_padded_shortcut_splits_the_conv_branch():
+    """x (a, 4) -> [Concat(x, zeros 2) | conv b (6)] -> Add: b's first 4 channels join a, its last 2 the zeros."""
+    g = G()
+    a = g.node("Relu", [g.conv("x", "a", 3, 4)], "ra")
+    fill = g.node("ConstantOfShape", [g.init("fill.shape", [1, 2, 8, 8], np.int64)], "fill")
+    cat = g.node("Concat", [a, fill], "cat", axis=1)
+    b = g.conv(a, "b", 4, 6)
+    s = g.node("Add", [b, cat], "add")
+    g.inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    analysis, groups = groups_of(g.model(g.conv(s, "head", 6, 2)))
+    assert sorted(groups) == ["a", "b", "head"]
+    assert {p.name for p in groups["a"].producers} == {"a", "b"} and groups["a"].size == 4
+    assert [p.name for p in groups["b"].producers] == ["b"] and groups["b"].size == 2
+    assert groups["a"].pinned is None and groups["b"].pinned is None
+    assert analysis.positions("b", "b").tolist() == [4, 5] and analysis.positions("cat", "b").tolist() == [4, 5]
+    assert {gr.id for gr in analysis.groups_of_node("b")} == {"a", "b"}
+    assert any(c.kind == SHAPE and c.node.name == "fill" for c in groups["b"].consumers)
+    kept = {"a": np.array([1, 2, 3]), "b": np.array([1])}
+    assert analysis.kept_indices("add", kept).tolist() == [1, 2, 3, 5]
+    assert analysis.kept_indices("fill", kept).tolist() == [1]
+
+
+def test_split_pins_only_the_part_combined_with_fixed_channels():
+    g = G()
+    cat = g.node("Concat", ["x", g.conv("x", "a", 3, 2)], "cat", axis=1)  # [graph input 3 | a 2]
+    s = g.node("Add", [g.conv("x", "b", 3, 5), cat], "add")
+    analysis, groups = groups_of(g.model(g.conv(s, "head", 5, 2)))
+    assert groups["b"].size == 3 and "cannot change" in groups["b"].pinned
+    assert groups["a"].pinned is None and {p.name for p in groups["a"].producers} == {"a", "b"}
+    assert analysis.positions("b", "a").tolist() == [3, 4]
+
+
+def test_add_of_misaligned_flattened_blocks_pins():
+    g = G(hw=2)
+    f1 = g.node("Flatten", [g.conv("x", "a", 3, 2)], "f1", axis=1)  # 2 channels x 4 positions
+    f2 = g.node("Flatten", [g.node("GlobalAveragePool", [g.conv("x", "b", 3, 8)], "gap")], "f2", axis=1)  # 8 x 1
+    s = g.node("Add", [f1, f2], "add")
+    w = g.init("fc.w", RNG.normal(size=(2, 8)))
+    _, groups = groups_of(g.model(g.node("Gemm", [s, w], "fc", transB=1)))
+    assert "channel blocks do not line up" in groups["a"].pinned
+    assert "channel blocks do not line up" in groups["b"].pinned

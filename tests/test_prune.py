@@ -93,12 +93,12 @@ def zero_channels(model: onnx.ModelProto, chosen: dict[str, np.ndarray]) -> onnx
     for gid, chans in chosen.items():
         for c in analysis.group(gid).consumers:
             inputs = c.node.inputs
+            pos = analysis.positions(c.tensor, gid, chans)  # a producer's output may hold several groups
             if c.kind in PRODUCER_KINDS:
-                zero(inputs[1], chans, layer_of(c.node).kind.out_axis(c.node))
+                zero(inputs[1], pos, layer_of(c.node).kind.out_axis(c.node))
                 if len(inputs) > 2:  # bias: channels on its last axis
-                    zero(inputs[2], chans, inputs[2].values.ndim - 1)
+                    zero(inputs[2], pos, inputs[2].values.ndim - 1)
             elif c.kind in (NORM, DEPTHWISE):  # BN gamma and beta; depthwise weight rows and bias
-                pos = analysis.positions(c.tensor, gid, chans)
                 for tensor in inputs[1:3]:
                     zero(tensor, pos, 0)
     return to_model(graph, model)
@@ -372,6 +372,131 @@ def test_prune_graph_api_takes_group_ratios():
         prune_graph(graph, {"missing": 0.5})
 
 
+# ---------------------------------------------------------------- channel-padding residuals (BlazeFace)
+
+
+def _assert_all_close(ref: list[np.ndarray], out: list[np.ndarray]) -> None:
+    assert [o.shape for o in out] == [r.shape for r in ref]
+    for r, o in zip(ref, out):
+        assert_close(r, o)
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))
+
+
+def test_blazeface_groups_cross_padded_shortcuts():
+    analysis = analyze(to_graph(prepared(zoo.build_blazeface())))
+    prunable = {g.id: g.size for g in analysis.groups if g.pinned is None}
+    # the stem's 8 channels run through every residual; each widening adds a group of its own channels
+    assert prunable == {"stem": 8, "block1.pw": 4, "block2.pw": 4, "block3.pw": 4, "block4.pw": 2,
+                        "block4.pw#1": 2}
+    assert {g.id for g in analysis.groups_of_node("block4.pw")} == set(prunable)
+
+
+def test_blazeface_dead_channels_removed_exactly():
+    """Dead channels of every group (the stem's, carried on every shortcut, and each block's extra channels,
+    added to zeros) are removed with outputs unchanged: the Concat zeros, the ConstantOfShape and the Pad
+    amounts shrink with the conv branch."""
+    model = prepared(zoo.build_blazeface())
+    rng = np.random.default_rng(3)
+    chosen = {g.id: np.sort(rng.choice(g.size, size=math.floor(0.5 * g.size + 0.5), replace=False))
+              for g in prunable_groups(model)}
+    dead = prepared(zero_channels(model, chosen))
+    state = KeptChannels()
+    pruned, report = prune(dead, state, ratio=0.5)
+    feeds = zoo.random_input(dead, seed=4)
+    _assert_all_close(zoo.run(dead, feeds), zoo.run(pruned, feeds))
+    assert report.details["dead_channels_removed"] == sum(len(c) for c in chosen.values()) == 12
+    assert report.totals["params_after"] < 0.5 * report.totals["params_before"]
+
+    kept = {gid: np.setdiff1d(np.arange(len(c) * 2), c) for gid, c in chosen.items()}
+    # block1: [shortcut 8 = stem | zeros 4 = block1.pw's own]: the ConstantOfShape shrinks to the kept zeros
+    assert _initializer(pruned, "block1.fill.shape").tolist() == [1, 2, 8, 8]
+    # block3: Concat(zeros 4, shortcut 16): the zero initializer keeps block3.pw's kept channels
+    assert _initializer(pruned, "block3.zeros").shape == (1, 2, 8, 8)
+    # block4: Pad 2 zeros before and 2 after the 20 channels: pads follow the kept channels on each side
+    pads = _initializer(pruned, "block4.pad.pads").tolist()
+    assert pads[1] == pads[5] == 1
+    assert state.by_tensor["block4.pad.output"].tolist() == (
+        kept["block4.pw"].tolist() + [2 + i for i in state.by_tensor["block3.relu.output"]] +
+        [22 + i for i in kept["block4.pw#1"]])
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.9])
+def test_blazeface_live_pruning_is_valid(ratio):
+    model = prepared(zoo.build_blazeface())
+    state = KeptChannels()
+    pruned, report = prune(model, state, ratio=ratio)
+    onnx.checker.check_model(pruned, full_check=True)
+    onnx.shape_inference.infer_shapes(pruned, check_type=True, strict_mode=True, data_prop=True)
+    assert signature(pruned) == signature(model)
+    feeds = zoo.random_input(model)
+    ref, out = zoo.run(model, feeds), zoo.run(pruned, feeds)
+    assert [o.shape for o in out] == [r.shape for r in ref] and all(np.isfinite(o).all() for o in out)
+    params, macs = independent_counts(pruned)
+    params0, _ = independent_counts(model)
+    assert params < params0
+    channels = out_channels(pruned)
+    sizes = {"stem": 8, "block1.pw": 4, "block2.pw": 4, "block3.pw": 4, "block4.pw": 2, "block4.pw#1": 2}
+    kept = {gid: expected_kept(size, ratio) for gid, size in sizes.items()}
+    assert channels["stem"] == kept["stem"]
+    assert channels["block5.pw"] == sum(kept.values())
+    assert _initializer(pruned, "block1.fill.shape").tolist() == [1, kept["block1.pw"], 8, 8]
+    assert _initializer(pruned, "block2.pad.pads").tolist() == [0, 0, 0, 0, 0, kept["block2.pw"], 0, 0]
+    assert len(state.by_tensor["block5.relu.output"]) == sum(kept.values())
+
+
+@pytest.mark.parametrize("criterion", ["activation", "energy"])
+def test_blazeface_data_criteria(criterion):
+    model = prepared(zoo.build_blazeface())
+    feeds = [zoo.random_input(model, seed=s) for s in range(3)]
+    pruned, report = prune(model, calibration=feeds, ratio=0.5, criterion=criterion)
+    assert {g["criterion"] for g in report.details["groups"]} == {criterion}
+    out = zoo.run(pruned, feeds[0])
+    assert [o.shape for o in out] == [r.shape for r in zoo.run(model, feeds[0])]
+
+
+def test_blazeface_skip_leaves_a_split_layer_whole():
+    model = prepared(zoo.build_blazeface())
+    pruned, report = prune(model, ratio=0.5, skip=["block4.pw"])  # its 24 channels hold six groups
+    channels = out_channels(pruned)
+    assert channels["block4.pw"] == channels["block5.pw"] == 24 and channels["stem"] == 8
+    assert report.layers == []
+
+
+def _pad_attribute_model() -> onnx.ModelProto:
+    """Opset 10 (Pad's pads an attribute): conv a (4) -> Pad 2 zero channels before, 2 after -> + conv b (8)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="a", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["a"], ["ra"], name="ra"),
+             helper.make_node("Pad", ["ra"], ["p"], name="pad", pads=[0, 2, 0, 0, 0, 2, 0, 0]),
+             helper.make_node("Conv", ["ra", "wb", "bb"], ["b"], name="b", kernel_shape=[1, 1]),
+             helper.make_node("Add", ["p", "b"], ["s"], name="add"),
+             helper.make_node("Conv", ["s", "wh"], ["y"], name="head", kernel_shape=[1, 1])]
+    wa, wb = rng.normal(size=(4, 3, 1, 1)), rng.normal(size=(8, 4, 1, 1))
+    wa[1], wb[[0, 3, 7]] = 0, 0  # dead: a's channel 1 (b's channel 3), the first padded one, the last
+    ba, bb = rng.normal(size=4), rng.normal(size=8)
+    ba[1], bb[[0, 3, 7]] = 0, 0
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in
+             (("wa", wa), ("ba", ba), ("wb", wb), ("bb", bb), ("wh", rng.normal(size=(2, 8, 1, 1))))]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 4, 4])], inits)
+    return infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)], ir_version=5))
+
+
+def test_channel_pad_attribute_shrinks_exactly():
+    model = _pad_attribute_model()
+    state = KeptChannels()
+    pruned, report = prune(model, state, ratio=0.0)
+    assert report.details["dead_channels_removed"] == 3
+    pad = next(n for n in pruned.graph.node if n.op_type == "Pad")
+    assert list(next(a for a in pad.attribute if a.name == "pads").ints) == [0, 1, 0, 0, 0, 1, 0, 0]
+    assert state.by_tensor["s"].tolist() == [1, 2, 4, 5, 6]
+    feeds = {"x": np.random.default_rng(1).normal(size=(2, 3, 4, 4)).astype(np.float32)}
+    assert_close(zoo.run(model, feeds)[0], zoo.run(pruned, feeds)[0])
+
+
 # ---------------------------------------------------------------- real models
 
 
@@ -402,6 +527,19 @@ def test_real_pplcnet(shared_dir):
     assert report.totals["params_after"] < 0.7 * report.totals["params_before"]
     ops = {s.op for s in report.skipped}
     assert {"Shape", "Reshape", "Softmax"} <= ops
+
+
+def test_real_blazeface_prunes_through_padded_shortcuts(shared_dir):
+    model = load_model(shared_dir / "blazeface_front_128.onnx")
+    pruned, report = prune(model, ratio=0.3)
+    assert report.totals["params_after"] <= 0.85 * report.totals["params_before"]
+    onnx.checker.check_model(pruned, full_check=True)
+    assert signature(pruned) == signature(model)
+    feeds = {"input:0": np.random.default_rng(0).uniform(-1, 1, size=(1, 128, 128, 3)).astype(np.float32)}
+    ref, out = zoo.run(model, feeds), zoo.run(pruned, feeds)
+    assert [o.shape for o in out] == [r.shape for r in ref] and all(np.isfinite(o).all() for o in out)
+    pinned = {p["group"].rsplit("/", 2)[-2] for p in report.details["pinned_groups"]}
+    assert pinned == {"conv2d_17", "conv2d_18", "conv2d_19", "conv2d_20"}  # only the heads (graph outputs)
 
 
 # ---------------------------------------------------------------- CLI

@@ -28,6 +28,9 @@ API::
     run(model, feeds)                           -> [ndarray] (plain ORT CPU)
     fold_batchnorm(model)                       -> onnx.ModelProto
 
+Plus ``build_blazeface()``: a small BlazeFace (NHWC input, BlazeBlocks whose shortcuts are widened with
+zero channels by Concat or Pad, four detection outputs; see there).
+
 Plus ``build("tiny_conv")``: a single Conv(3->8, 3x3, pad 1) + Relu with output
 ``"logits"`` of shape ``["N", 8, 32, 32]`` (not part of ``ZOO_NAMES``).
 """
@@ -52,6 +55,7 @@ __all__ = [
     "random_input",
     "run",
     "fold_batchnorm",
+    "build_blazeface",
 ]
 
 ZOO_NAMES: tuple[str, ...] = (
@@ -639,3 +643,82 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
     so.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
+
+
+# --------------------------------------------------------------------------
+# BlazeFace-like detector (channel-padding residuals)
+# --------------------------------------------------------------------------
+
+BLAZEFACE_INPUT_SHAPE = (1, 32, 32, 3)  # NHWC, batch 1, as blazeface_front_128.onnx
+
+
+def _blaze_block(b: _Builder, x: str, prefix: str, cin: int, cout: int, stride: int, widen: str,
+                 hw: int) -> str:
+    """A BlazeBlock: depthwise 3x3 (no bias) -> pointwise 1x1 (bias), added to a shortcut that is MaxPooled
+    when strided and widened to `cout` channels with zeros by `widen`:
+
+    * "concat_fill": Concat(shortcut, ConstantOfShape(constant shape)) (the TF-converted BlazeFace);
+    * "concat_const": Concat(zero initializer, shortcut) (zeros before the shortcut);
+    * "pad_after" / "pad_both": Pad on the channel axis, constant 0 (PyTorch BlazeFace's F.pad).
+    """
+    pads = [0, 0, 1, 1] if stride == 2 else [1, 1, 1, 1]  # TF "SAME"
+    w = b.rng.normal(0.0, np.sqrt(2.0 / 9), size=(cin, 1, 3, 3)).astype(np.float32)
+    y = b.node("Conv", [x, b.init(f"{prefix}.dw.weight", w)], f"{prefix}.dw", kernel_shape=[3, 3],
+               strides=[stride, stride], pads=pads, group=cin)
+    y = b.conv(y, f"{prefix}.pw", cin, cout, 1, pad=0, bias=True, gain=1.0)
+    sc = b.maxpool(x, f"{prefix}.pool", 2, 2) if stride == 2 else x
+    extra, out_hw = cout - cin, hw // stride
+    if widen == "concat_fill":
+        shape = b.const(f"{prefix}.fill.shape", np.array([1, extra, out_hw, out_hw], dtype=np.int64))
+        zeros = b.node("ConstantOfShape", [shape], f"{prefix}.fill")
+        sc = b.node("Concat", [sc, zeros], f"{prefix}.concat", axis=1)
+    elif widen == "concat_const":
+        zeros = b.init(f"{prefix}.zeros", np.zeros((1, extra, out_hw, out_hw), dtype=np.float32))
+        sc = b.node("Concat", [zeros, sc], f"{prefix}.concat", axis=1)
+    elif widen in ("pad_after", "pad_both"):
+        before = extra // 2 if widen == "pad_both" else 0
+        pads = np.array([0, before, 0, 0, 0, extra - before, 0, 0], dtype=np.int64)
+        sc = b.node("Pad", [sc, b.const(f"{prefix}.pad.pads", pads)], f"{prefix}.pad", mode="constant")
+    else:
+        assert widen == "none" and extra == 0
+    return b.relu(b.add(y, sc, f"{prefix}.add"), f"{prefix}.relu")
+
+
+def _blaze_heads(b: _Builder, x: str, prefix: str, c: int, hw: int, anchors: int) -> tuple[str, str]:
+    """BlazeFace's heads: 1x1 Conv -> Transpose to NHWC -> Reshape to (1, anchors, k)."""
+    outs = []
+    for kind, per_anchor in (("classificators", 1), ("regressors", 4)):
+        y = b.conv(x, f"{prefix}.{kind}", c, anchors * per_anchor, 1, pad=0, bias=True, gain=1.0)
+        y = b.node("Transpose", [y], f"{prefix}.{kind}.transpose", perm=[0, 2, 3, 1])
+        shape = b.const(f"{prefix}.{kind}.shape", np.array([1, hw * hw * anchors, per_anchor], dtype=np.int64))
+        outs.append(b.node("Reshape", [y, shape], f"{prefix}.{kind}.reshape", output=f"{kind}_{prefix}"))
+    return outs[0], outs[1]
+
+
+def build_blazeface(seed: int = 0) -> onnx.ModelProto:
+    """A small BlazeFace: NHWC input ``"input"`` (1, 32, 32, 3) transposed to NCHW, a 5x5 stride-2 stem, six
+    BlazeBlocks whose shortcuts widen channels in each of the ways real exports do (see `_blaze_block`), and
+    two detection levels (8x8 and 4x4, 2 anchors each) whose four outputs are ``classificators_l1``
+    (1, 128, 1), ``regressors_l1`` (1, 128, 4), ``classificators_l2`` (1, 32, 1), ``regressors_l2``
+    (1, 32, 4). Opset 17, no BatchNorm (biases folded, as in the real model)."""
+    b = _Builder(seed)
+    x = b.node("Transpose", ["input"], "input.nchw", perm=[0, 3, 1, 2])
+    w = b.rng.normal(0.0, np.sqrt(2.0 / 75), size=(8, 3, 5, 5)).astype(np.float32)
+    x = b.node("Conv", [x, b.init("stem.weight", w), b.init("stem.bias", np.full(8, 0.1, np.float32))], "stem",
+               kernel_shape=[5, 5], strides=[2, 2], pads=[1, 1, 2, 2])  # 16x16
+    x = b.relu(x, "stem.relu")
+    x = _blaze_block(b, x, "block0", 8, 8, 1, "none", 16)
+    x = _blaze_block(b, x, "block1", 8, 12, 2, "concat_fill", 16)  # 8x8
+    x = _blaze_block(b, x, "block2", 12, 16, 1, "pad_after", 8)
+    x = _blaze_block(b, x, "block3", 16, 20, 1, "concat_const", 8)
+    outputs = list(_blaze_heads(b, x, "l1", 20, 8, 2))
+    x = _blaze_block(b, x, "block4", 20, 24, 2, "pad_both", 8)  # 4x4
+    x = _blaze_block(b, x, "block5", 24, 24, 1, "none", 4)
+    outputs += _blaze_heads(b, x, "l2", 24, 4, 2)
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, list(BLAZEFACE_INPUT_SHAPE))
+    shapes = [(1, 128, 1), (1, 128, 4), (1, 32, 1), (1, 32, 4)]
+    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, list(s)) for o, s in zip(outputs, shapes)]
+    inits = [numpy_helper.from_array(v, name=k) for k, v in b.inits.items()]
+    graph = helper.make_graph(b.nodes, "blazeface", [inp], outs, initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ocomp-tests-zoo",
+                             ir_version=IR_VERSION)
