@@ -31,11 +31,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ocomp.graph import CUSTOM_DOMAIN, constant_value, input_at, is_graph_output, is_standard, sorted_nodes
-from ocomp.layers import TERNARY_OPS
+from ocomp.layers import TERNARY_OPS, layer_of
 from ocomp.pipeline import Context, Option, Pass, Report, positive_int, register
 from ocomp.sweep import DEFAULT_BUDGET, Calibration, Sweep
 
 from .bnrecal import mebibytes
+from .bnstats import ChannelStats, Target, correct
 
 ACT_ATTRS = ("act_quant", "act_scale", "act_zero_point")
 FUSED_ATTRS = ("activation", "clip_min", "clip_max")
@@ -161,6 +162,10 @@ class W2A8(Pass):
         Option("percentile", percent, 99.99, "the percentile of --w2a8-method percentile"),
         Option("dynamic", bool, False, "no calibration: act_quant=dynamic (the range of each run's input) even "
                "when --calib is given"),
+        Option("bias_correction", bool, True, "after choosing an op's range, correct its bias so that each "
+               "output channel's mean (before the fused activation) equals the float-activation model's at the same "
+               "tensor (the quantization and clipping errors of this op and of the ops before it; one more sweep, of "
+               "the model as it was before this pass)"),
         Option("fuse", bool, True, "fuse a Relu, or a Clip with constant bounds, that is the only reader of a "
                "ternary op's output into the op (its activation attribute)"),
         Option("memory", mebibytes, DEFAULT_BUDGET / 2**20, "MiB of calibration-set activations held in memory by "
@@ -179,6 +184,8 @@ class W2A8(Pass):
         for node in nodes:
             for name in ACT_ATTRS:
                 node.attrs.pop(name, None)
+        reference = graph.copy() if ctx.calibration is not None and opts["bias_correction"] else None
+        original = {id(n): n.outputs[0].name for n in nodes}  # the pre-activation tensor, named as in `reference`
         fused = fuse_activations(graph, nodes) if opts["fuse"] else {}
         report.details["fused_activations"] = len(fused)
         if ctx.calibration is None or opts["dynamic"]:
@@ -190,17 +197,22 @@ class W2A8(Pass):
             report.skip("*", "-", f"{why}: act_quant=dynamic (each run quantizes with its own input range)")
             report.details["mode"] = "dynamic"
             return report
-        self._calibrate(graph, nodes, ctx, fused, report)
+        self._calibrate(graph, nodes, ctx, fused, reference, original, report)
         return report
 
     def _calibrate(self, graph: gs.Graph, nodes: list[gs.Node], ctx: Context, fused: dict[int, str],
-                   report: Report) -> None:
+                   reference: gs.Graph | None, original: dict[int, str], report: Report) -> None:
         opts = ctx.options
         data = ctx.calibration.take(opts["samples"]) if hasattr(ctx.calibration, "take") else ctx.calibration
         calibration = Calibration.read(data)
         graph.toposort()
         opsets = list(ctx.template.opset_import) if ctx.template is not None else []
-        sweep = Sweep(graph, calibration, ctx.session, int(max(opts["memory"], 0) * 2**20), opsets)
+        budget = int(max(opts["memory"], 0) * 2**20)
+        sweep = Sweep(graph, calibration, ctx.session, budget, opsets)
+        ref_sweep = None
+        if reference is not None:
+            reference.toposort()
+            ref_sweep = Sweep(reference, calibration, ctx.session, budget, opsets)
         chosen: dict[str, int] = {}
         layers = {}
         try:
@@ -230,8 +242,12 @@ class W2A8(Pass):
                 report.change(node.name, node.op, "float activations",
                               f"u8 s={pick.scale:.4g} z={pick.zero_point}", _params(node), _params(node),
                               note=f"{note}; {extra}" if extra else note)
+                if ref_sweep is not None:
+                    correct_bias(graph, node, sweep, ref_sweep, original[id(node)], report)
         finally:
             sweep.close()
+            if ref_sweep is not None:
+                ref_sweep.close()
         report.details.update(mode="static", samples=calibration.samples, methods=chosen, layers=layers)
 
 
@@ -264,6 +280,25 @@ def output_errors(sweep: Sweep, node: gs.Node, found: list[Candidate]) -> list[f
         for i, (_, got) in enumerate(values):
             sums[i] += float(((got[0].astype(np.float64) - ref) ** 2).sum())
     return list(sums / max(count, 1))
+
+
+def correct_bias(graph: gs.Graph, node: gs.Node, sweep: Sweep, ref_sweep: Sweep, ref_name: str,
+                 report: Report) -> None:
+    """Bias correction (passes/bnstats.py) of a quantized op against the float-activation model: its output
+    before the fused activation, per channel, on the calibration inputs it really gets."""
+    layer = layer_of(node)
+    if layer is None:
+        report.skip(node.name, node.op, "bias not corrected: alpha or packed weights are not constants")
+        return
+    axis = 1 if layer.output_axis == 1 else -1
+    saved = {k: node.attrs.pop(k) for k in FUSED_ATTRS if k in node.attrs}
+    try:
+        outputs = [values[0] for _, values in sweep.run_nodes([node], [node.outputs[0].name])]
+    finally:
+        node.attrs.update(saved)
+    current = ChannelStats.of(outputs, axis)
+    ref = ChannelStats.of([ref_sweep.get([ref_name])[ref_name]], axis)
+    correct(graph, Target(layer, node.outputs[0].name, axis, [node]), current, ref, {}, False, report)
 
 
 def _chain(first, rest):

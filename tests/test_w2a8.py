@@ -340,3 +340,158 @@ def test_unknown_isa_is_an_error_at_session_creation():
     proc = subprocess.run([sys.executable, "-c", script, str(TESTS)], env=env, capture_output=True, text=True,
                           timeout=60)
     assert "OCOMP_ISA=sse9 is not a path of this build" in proc.stdout, proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- the w2a8 pass (passes/w2a8.py)
+
+import onnx  # noqa: E402
+from onnx import helper, numpy_helper  # noqa: E402
+
+import zoo  # noqa: E402
+from ocomp.data import dataset_from_arrays  # noqa: E402
+from ocomp.model import infer_shapes  # noqa: E402
+from ocomp.pipeline import run_passes  # noqa: E402
+
+ALL_TERNARY = {"keep_first": False, "keep_last": False, "min_params": 0}
+
+
+def ternary_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.domain == "ocomp"]
+
+
+def node_attrs(node: onnx.NodeProto) -> dict:
+    values = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}
+
+
+def one_conv_model(rng, relu: bool) -> onnx.ModelProto:
+    w = rng.normal(size=(24, 12, 3, 3)).astype(np.float32) * 0.2
+    b = rng.normal(size=24).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["input", "W", "B"], ["conv"], pads=[1, 1, 1, 1])]
+    nodes.append(helper.make_node("Relu", ["conv"], ["out"]) if relu else helper.make_node("Identity", ["conv"],
+                                                                                               ["out"]))
+    graph = helper.make_graph(nodes, "one", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT,
+                                                                           ["N", 12, 10, 10])],
+                              [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return infer_shapes(model)
+
+
+@pytest.mark.parametrize("method,relu", [("auto", True), ("auto", False), ("mse", False), ("percentile", True),
+                                         ("minmax", False)])
+def test_pass_output_within_the_bound_of_its_scale(relu, method):
+    """One ternary conv on signed inputs: the w2a8 model's output differs from the float-activation ternary
+    model's by at most alpha[k] * ||T[k]||_1 * max|x - dequant(quant(x))| (the input error the chosen scale and
+    zero point allow, clipping included), and that error is at most scale / 2 where no value is clipped."""
+    require_library()
+    rng = np.random.default_rng(5 + relu)
+    model = one_conv_model(rng, relu)
+    x = (rng.normal(size=(40, 12, 10, 10)) * 1.5 + 0.4).astype(np.float32)
+    data = dataset_from_arrays(model, {"input": x})
+    ternary_model = run_passes(model, ["ternary"], {"ternary": ALL_TERNARY}).model
+    result = run_passes(ternary_model, ["w2a8"], {"w2a8": {"method": method}}, calibration=data)
+    w2a8 = result.model
+    (node,) = ternary_nodes(w2a8)
+    attrs = node_attrs(node)
+    scale, z = attrs["act_scale"], attrs["act_zero_point"]
+    assert 0 < z < 255  # signed input: an asymmetric range with zero inside
+    assert scale <= (x.max() - x.min()) / 255 * 1.0001  # never wider than the data
+    assert attrs.get("activation") == ("Relu" if relu else None)
+    assert sum(n.op_type == "Relu" for n in w2a8.graph.node) == 0
+    report = result.reports[0]
+    assert report.details["mode"] == "static" and report.layers[0].after.startswith("u8 s=")
+    if method != "auto":
+        assert report.details["methods"] == {method if method != "percentile" else "percentile 99.99": 1}
+    deq = (np.clip(np.rint(x * np.float32(1 / np.float32(scale))) + z, 0, 255) - z) * np.float32(scale)
+    err = np.abs(x - deq)
+    lo, hi = -z * scale, (255 - z) * scale
+    inside = (x >= lo) & (x <= hi)
+    assert err[inside].max() <= scale / 2 * 1.0001
+    t = tw_unpack(node, w2a8)
+    alpha = np.abs(numpy_helper.to_array(next(i for i in w2a8.graph.initializer if i.name == node.input[2])))
+    bound = alpha * np.abs(t).reshape(len(t), -1).sum(axis=1) * err.max()
+    y_q = rt.session(w2a8).run(None, {"input": x})[0]
+    y_f = rt.session(ternary_model).run(None, {"input": x})[0]
+    diff = np.abs(y_q - y_f).max(axis=(0, 2, 3))
+    assert (diff <= bound * 1.001 + 1e-4).all(), (diff / bound).max()
+    assert np.abs(y_q - y_f).max() > 0  # it really ran quantized
+
+
+def tw_unpack(node: onnx.NodeProto, model: onnx.ModelProto) -> np.ndarray:
+    from ocomp.passes.ternary import unpack_ternary
+
+    packed = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == node.input[1]))
+    shape = node_attrs(node)["weight_shape"]
+    return unpack_ternary(packed, int(np.prod(shape))).reshape(shape)
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenetv2", "flatten_gemm"])
+def test_pass_on_zoo_models(name):
+    """Every ternary op of a whole model gets a static range, Relus that follow one are fused, and the model
+    stays close to the float-activation ternary model (cosine > 0.99 on held-out inputs)."""
+    require_library()
+    model = infer_shapes(zoo.build(name, folded=True))
+    calib = zoo.random_input(model, batch=48, seed=1)["input"]
+    ternary_model = run_passes(model, ["ternary"], {"ternary": ALL_TERNARY}).model
+    result = run_passes(ternary_model, ["w2a8"], calibration=dataset_from_arrays(model, {"input": calib}))
+    out = result.model
+    ops = ternary_nodes(out)
+    assert ops and all("act_scale" in node_attrs(n) for n in ops)
+    acts_before = sum(n.op_type in ("Relu", "Clip") for n in ternary_model.graph.node)
+    fused = sum(node_attrs(n).get("activation") in ("Relu", "Clip") for n in ops)
+    assert fused and result.reports[0].details["fused_activations"] == fused
+    assert sum(n.op_type in ("Relu", "Clip") for n in out.graph.node) == acts_before - fused
+    feeds = zoo.random_input(model, batch=16, seed=9)
+    a = rt.session(out).run(None, feeds)[0].reshape(16, -1).astype(np.float64)
+    b = rt.session(ternary_model).run(None, feeds)[0].reshape(16, -1).astype(np.float64)
+    cosine = (a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b)
+    assert cosine > 0.99, cosine
+
+
+def test_pass_without_calibration_is_dynamic():
+    require_library()
+    model = infer_shapes(zoo.build("plain", folded=True))
+    result = run_passes(model, ["ternary", "w2a8"], {"ternary": ALL_TERNARY})
+    ops = ternary_nodes(result.model)
+    assert ops and all(node_attrs(n).get("act_quant") == "dynamic" for n in ops)
+    report = result.reports[1]
+    assert report.details["mode"] == "dynamic"
+    assert any("act_quant=dynamic" in s.reason and "no calibration data" in s.reason for s in report.skipped)
+    feeds = zoo.random_input(model, batch=4, seed=2)
+    plain = run_passes(model, ["ternary"], {"ternary": ALL_TERNARY}).model
+    a, b = rt.session(result.model).run(None, feeds)[0], rt.session(plain).run(None, feeds)[0]
+    assert np.abs(a - b).max() < 0.05 * np.abs(b).max()
+
+
+def test_pass_without_ternary_ops_reports_and_keeps_the_model():
+    model = infer_shapes(zoo.build("plain"))
+    data = dataset_from_arrays(model, zoo.random_input(model, batch=8)["input"])
+    result = run_passes(model, ["w2a8"], calibration=data)
+    report = result.reports[0]
+    assert report.details["mode"] == "none" and not report.layers
+    assert "no ternary ops" in report.skipped[0].reason
+    assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in model.graph.node]
+
+
+def test_pass_cli_flags(tmp_path):
+    """The options are CLI flags (--w2a8-method ...); a bad value is one usage error line."""
+    from click.testing import CliRunner
+
+    from ocomp.cli import main
+
+    require_library()
+    model = infer_shapes(zoo.build("plain", folded=True))
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    np.savez(tmp_path / "calib.npz", input=zoo.random_input(model, batch=16)["input"])
+    ok = CliRunner().invoke(main, ["compress", str(src), "-o", str(out), "--passes", "ternary,w2a8",
+                                   "--ternary-min-params", "0", "--w2a8-method", "minmax", "--force", "--calib",
+                                   str(tmp_path / "calib.npz")])
+    assert ok.exit_code == 0, ok.output
+    ops = ternary_nodes(onnx.load(out))
+    assert ops and all("act_scale" in node_attrs(n) for n in ops)
+    bad = CliRunner().invoke(main, ["compress", str(src), "-o", str(tmp_path / "x.onnx"), "--passes",
+                                    "ternary,w2a8", "--w2a8-percentile", "10"])
+    assert bad.exit_code == 2 and "--w2a8-percentile" in bad.output and "Traceback" not in bad.output
