@@ -36,8 +36,9 @@ Understood: BatchNormalization, InstanceNormalization, element-wise unary ops
 (Relu, LeakyRelu, Clip, Sigmoid, HardSigmoid, HardSwish, Tanh, ...), Identity,
 Dropout, Cast, PRelu, Add/Sub/Mul/Div/Pow/Max/Min/Sum/Mean with scalar or
 per-channel constants or with other tracked tensors (residuals, SE), pooling,
-Pad/Slice/Resize not touching the channel axis, Reduce* over other axes,
-Softmax over another axis, Transpose, Squeeze/Unsqueeze, Concat, Flatten and
+Slice/Resize not touching the channel axis, Pad (constant mode on the channel
+axis, any mode on others), Reduce* over other axes, Softmax over another axis,
+Transpose, Squeeze/Unsqueeze, Concat (constants concatenated in included), Flatten and
 Reshape (flatten-like or adding/removing unit dims) feeding Gemm/MatMul,
 depthwise Conv (pruned together with its input). Grouped Conv (1 < group,
 not depthwise) is left unchanged: whole-group pruning is not implemented.

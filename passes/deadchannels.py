@@ -37,6 +37,14 @@ def _channel_vector(value: np.ndarray, axis: int, total: int) -> np.ndarray:
     return value.reshape(-1)
 
 
+def _per_channel(value: np.ndarray, axis: int) -> np.ndarray:
+    """A constant tensor's value per channel along `axis` (NaN where it varies within a channel)."""
+    rows = np.moveaxis(np.asarray(value, np.float32), axis, 0).reshape(value.shape[axis], -1)
+    if not rows.shape[1]:
+        return np.full(len(rows), np.nan, np.float32)
+    return np.where((rows == rows[:, :1]).all(axis=1), rows[:, 0], np.nan).astype(np.float32)
+
+
 def _unary(node: gs.Node, x: np.ndarray, cache: dict) -> np.ndarray | None:
     op = node.op
     with np.errstate(all="ignore"):
@@ -164,9 +172,7 @@ def _propagate(graph: gs.Graph, node: gs.Node, analysis: ChannelAnalysis, values
         for t in node.inputs:
             value = constant_value(t, cache) if t.name not in values else None
             if value is not None and value.ndim == len(y.shape):  # a constant concatenated in
-                rows = np.moveaxis(np.asarray(value, np.float32), lay.axis, 0).reshape(value.shape[lay.axis], -1)
-                uniform = (rows == rows[:, :1]).all(axis=1) if rows.shape[1] else np.zeros(len(rows), bool)
-                parts.append(np.where(uniform, rows[:, 0] if rows.shape[1] else np.nan, np.nan).astype(np.float32))
+                parts.append(_per_channel(value, lay.axis))
             elif t.name in analysis.layouts and analysis.layouts[t.name].axis == lay.axis:
                 parts.append(_vec(values, analysis, t))
             else:
@@ -183,7 +189,8 @@ def _propagate(graph: gs.Graph, node: gs.Node, analysis: ChannelAnalysis, values
 def constant_channels(graph: gs.Graph, analysis: ChannelAnalysis) -> dict[str, np.ndarray]:
     """Per tracked tensor: the exact constant value of each channel (NaN where not constant).
 
-    Empty when no producer has an all-zero output channel (the only source of constant channels).
+    Empty when no producer has an all-zero output channel: without one no prunable group has a constant
+    channel (constants concatenated or padded in are prunable only where added to a producer's channels).
     """
     cache: dict = {}
     sources = any(not layer_of(a.node).rows().any(axis=1).all() for a in analysis.actions
