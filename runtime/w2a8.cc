@@ -12,6 +12,9 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
 #endif
@@ -136,6 +139,38 @@ struct PanelEpilogue {
 };
 
 uint8_t* byte_scratch(size_t bytes) { return reinterpret_cast<uint8_t*>(thread_scratch(bytes / 4 + 16)); }
+
+// dst[w * dst_stride + c] = src[c * src_stride + w] for 16 channels c and w < n (a byte transpose; SSE2
+// 16x16 blocks where available, the baseline of every x86-64 build).
+void transpose16(const uint8_t* src, int64_t src_stride, int64_t n, uint8_t* dst, int64_t dst_stride) {
+  int64_t w = 0;
+#if defined(__SSE2__)
+  for (; w + 16 <= n; w += 16) {
+    __m128i r[16], b[16], c[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * src_stride + w));
+    for (int k = 0; k < 8; ++k) {
+      b[k] = _mm_unpacklo_epi8(r[2 * k], r[2 * k + 1]);      // w 0..7, channels 2k, 2k+1
+      b[k + 8] = _mm_unpackhi_epi8(r[2 * k], r[2 * k + 1]);  // w 8..15
+    }
+    for (int k = 0; k < 4; ++k) {
+      c[k] = _mm_unpacklo_epi16(b[2 * k], b[2 * k + 1]);  // w 0..3, channels 4k..4k+3
+      c[k + 4] = _mm_unpackhi_epi16(b[2 * k], b[2 * k + 1]);
+      c[k + 8] = _mm_unpacklo_epi16(b[2 * k + 8], b[2 * k + 9]);
+      c[k + 12] = _mm_unpackhi_epi16(b[2 * k + 8], b[2 * k + 9]);
+    }
+    for (int g = 0; g < 16; g += 4) {
+      const __m128i d0 = _mm_unpacklo_epi32(c[g], c[g + 1]), d1 = _mm_unpackhi_epi32(c[g], c[g + 1]);
+      const __m128i d2 = _mm_unpacklo_epi32(c[g + 2], c[g + 3]), d3 = _mm_unpackhi_epi32(c[g + 2], c[g + 3]);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (w + g) * dst_stride), _mm_unpacklo_epi64(d0, d2));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (w + g + 1) * dst_stride), _mm_unpackhi_epi64(d0, d2));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (w + g + 2) * dst_stride), _mm_unpacklo_epi64(d1, d3));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (w + g + 3) * dst_stride), _mm_unpackhi_epi64(d1, d3));
+    }
+  }
+#endif
+  for (; w < n; ++w)
+    for (int64_t c = 0; c < 16; ++c) dst[w * dst_stride + c] = src[c * src_stride + w];
+}
 
 }  // namespace
 
@@ -286,9 +321,16 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
   const uint8_t zb = static_cast<uint8_t>(z);
   const QuantizeRowFn quantize_row = isa_->quantize_row;
 
+  // Padded rows some output reads (a strided conv with a kernel shorter than its stride skips rows; the
+  // buffer's other rows are never read and stay unwritten).
+  std::vector<char> needed(static_cast<size_t>(Hp), 0);
+  for (int64_t oy = 0; oy < OH; ++oy)
+    for (int64_t ky = 0; ky < s.kH; ++ky) needed[static_cast<size_t>(oy * s.sh + ky * s.dh)] = 1;
+
   // 1. Quantized, zero-point padded NHWC rows (channels padded to quads), one item per padded row.
   auto fill = [&](size_t item) {
     const int64_t hp = int64_t(item) % Hp, ng = int64_t(item) / Hp;
+    if (!needed[static_cast<size_t>(hp)]) return;
     const int64_t n = ng / G, g = ng % G, h = hp - s.pt;
     uint8_t* row = buf + ng * block + hp * Wp * Cp;
     if (h < 0 || h >= H) {
@@ -310,8 +352,7 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
           quantize_row(x + ((n * C + g * Cg + c0 + c) * H + h) * W + w0, wn, inv, z, tmp + c * kSpan);
         uint8_t* dst = row + (s.pl + w0) * Cp + c0;
         if (cn == 16) {
-          for (int64_t w = 0; w < wn; ++w)
-            for (int64_t c = 0; c < 16; ++c) dst[w * Cp + c] = tmp[c * kSpan + w];
+          transpose16(tmp, kSpan, wn, dst, Cp);
         } else {
           for (int64_t w = 0; w < wn; ++w)
             for (int64_t c = 0; c < cn; ++c) dst[w * Cp + c] = tmp[c * kSpan + w];
@@ -383,6 +424,34 @@ void W2A8Conv::run_depthwise(OrtKernelContext* context, const float* x, int64_t 
   };
   parallel_for(context, static_cast<size_t>(N * C), fill);
   const DepthwiseRowFn row_fn = isa_->depthwise_row;
+  if (s.sh == s.sw) {
+    // The plane as one long row: virtual position v = oy * Wp + ox reads v * sw + tap offset (the same as
+    // oy * sh * Wp + ox * sw since sh == sw), so one call sums several output rows (positions ox >= OW are
+    // computed and dropped). Chunks of whole rows keep the sums in L1.
+    const int64_t rows_per_chunk = std::max<int64_t>(1, 2048 / Wp);
+    auto work = [&](size_t item) {
+      const int64_t n = int64_t(item) / s.K, k = int64_t(item) % s.K, c = k / Kg;
+      const uint8_t* src = buf + (n * C + c) * plane;
+      const int8_t* wk = dw_weights_.data() + k * taps;
+      const float m = mul[k], bi = bias ? bias[k] : 0.0f;
+      const int32_t zc = z * dw_wsum_[k];
+      thread_local std::vector<int32_t> acc;
+      acc.resize(static_cast<size_t>(rows_per_chunk * Wp));
+      float* out = y + (n * s.K + k) * OH * OW;
+      for (int64_t r0 = 0; r0 < OH; r0 += rows_per_chunk) {
+        const int64_t r1 = std::min(OH, r0 + rows_per_chunk);
+        const int64_t cnt = (r1 - r0 - 1) * Wp + OW;
+        row_fn(src + r0 * Wp * s.sw, Wp, wk, int(s.kH), int(s.kW), int(s.dh), int(s.dw), int(s.sw), cnt, acc.data());
+        for (int64_t oy = r0; oy < r1; ++oy) {
+          const int32_t* a = acc.data() + (oy - r0) * Wp;
+          float* dst = out + oy * OW;
+          for (int64_t ox = 0; ox < OW; ++ox) dst[ox] = clamp_out(float(a[ox] - zc) * m + bi, lo, hi);
+        }
+      }
+    };
+    parallel_for(context, static_cast<size_t>(N * s.K), work);
+    return;
+  }
   constexpr int64_t kChunkOut = 256;
   auto work = [&](size_t item) {
     const int64_t n = int64_t(item) / s.K, k = int64_t(item) % s.K, c = k / Kg;

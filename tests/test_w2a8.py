@@ -40,6 +40,10 @@ CONV_CASES = [
     (2, 1, 2, 6, 12, 12, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),  # depthwise multiplier 2
     (1, 6, 9, 1, 12, 19, 5, 3, (1, 2), (2, 1, 2, 1), (2, 1)),
     (1, 1, 16, 1, 28, 28, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),  # a first layer: one input channel
+    (1, 32, 24, 1, 5, 37, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),  # 16-channel transposition blocks and a tail
+    (1, 48, 20, 1, 9, 40, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1)),  # strided 1x1: rows no output reads
+    (1, 1, 1, 4, 61, 38, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1)),  # depthwise plane summed in several chunks
+    (1, 1, 1, 3, 120, 45, 3, 3, (2, 2), (1, 1, 1, 1), (2, 2)),  # depthwise strided, dilated, several chunks
 ]
 # (M, Kin, N)
 GEMM_CASES = [(1, 512, 100), (3, 70, 30), (9, 129, 17), (20, 64, 1000)]
