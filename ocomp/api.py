@@ -97,13 +97,19 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
              report: str | os.PathLike | None = None, eval_data: str | os.PathLike | None = None,
              input_shapes: Mapping[str, Sequence[int]] | None = None, data_options: Any = None,
              progress: bool = False, guard: GuardOptions | None = None, latency: bool = False,
-             threads: int | None = None) -> CompressResult:
+             threads: int | None = None, max_drop: float | None = None,
+             target_size: str | None = None) -> CompressResult:
     """Load `input_path`, run the passes, write `output_path` atomically (and the JSON report, if asked).
 
     With `guard` (the CLI always gives one) and `eval_data` or `calib`, the compressed model's fidelity to
     the original is measured before anything is written (see ocomp.guard); below the thresholds a
     GuardError is raised and nothing is written, unless `guard.force`. With only `calib`, a tail of it is
-    held back from the passes for that. `latency` times both models at batch 1 on `threads` threads."""
+    held back from the passes for that. `latency` times both models at batch 1 on `threads` threads.
+
+    `max_drop` (points) or `target_size` ("8x", "120KB"): mixed precision under that budget (ocomp.precision):
+    each weighted layer ternary, int8 or float, the smallest model within the drop or the most accurate
+    within the size; needs `calib` and a ternary pass. A budget that cannot be met raises GuardError naming
+    what was reached (written anyway with `guard.force`)."""
     plan = load_recipe(recipe) if recipe else Recipe()
     names = parse_pass_list(passes if passes else plan.passes)
     merged: dict[str, dict[str, Any]] = {}
@@ -113,6 +119,15 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
                 raise UsageError(f"options of pass '{name}' must be a table of option = value, got {values!r}")
             merged.setdefault(name, {}).update(values)
     check_option_values(names, merged)
+    budget = None
+    if max_drop is not None or target_size is not None:
+        from .precision import Budget, split_passes
+
+        budget = Budget(max_drop=max_drop, target_size=target_size)
+        split_passes(names)
+        if calib is None:
+            raise UsageError(f"{budget.describe().split()[0]} needs --calib: the per-layer sensitivities and the "
+                             "drop are measured on calibration data")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise UsageError(f"--threads: expected a whole number >= 1, got {threads!r}")
     inputs = [("the input model", input_path)] + [(what, p) for what, p in (
@@ -136,6 +151,7 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
         if dataset is not None:
             warn_label_range(dataset, model)
     guard_set, guard_where = None, ""
+    whole_calibration = calibration
     if guard is not None:
         if evaluation_set is not None:
             guard_set, guard_where = evaluation_set, f"{len(evaluation_set)} --eval samples"
@@ -145,9 +161,14 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
             calibration, guard_set, guard_where = hold_back(calibration)
 
     start = time.perf_counter()
-    result = run_passes(model, names, merged, calibration=calibration, reference=reference, progress=progress,
-                        threads=threads)
-    passes_seconds = time.perf_counter() - start
+    if budget is None:
+        result = run_passes(model, names, merged, calibration=calibration, reference=reference, progress=progress,
+                            threads=threads)
+        passes_seconds = time.perf_counter() - start
+    else:
+        result, calibration = _mixed(model, names, merged, budget, whole_calibration, reference, guard, progress,
+                                     threads)
+        passes_seconds = float("inf")  # a failing guard is not repeated pass by pass: the plan is the run
     out = result.model
     add_provenance(out, [{"name": r.pass_name, "options": r.options} for r in result.reports])
     guard_result = None
@@ -171,6 +192,26 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
 
         atomic_write(report, json_text(outcome.to_dict()).encode())
     return outcome
+
+
+def _mixed(model, names, merged, budget, calibration, reference, guard, progress, threads):
+    """Mixed precision under `budget`: (the pipeline result of the chosen plan, the data the passes used).
+    The passes fit on the first 80% of --calib (ocomp.guard.hold_back) and the drop is measured on all of it."""
+    import sys
+
+    from .guard import hold_back
+    from .pipeline import PipelineResult
+    from .precision import search
+
+    fit = hold_back(calibration)[0]
+    log = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else None
+    found = search(model, names, merged, budget, fit, calibration, reference, threads=threads, progress=progress,
+                   log=log)
+    if not found.reached:
+        if guard is None or not guard.force:
+            raise GuardError(f"{found.message}; nothing written (use --force to write it anyway)")
+        warnings.warn(OcompWarning(f"{found.message}; written anyway (--force)"))
+    return PipelineResult(found.model, found.reports), fit
 
 
 def _run_guard(options: GuardOptions, dataset, where: str, reference: onnx.ModelProto, out: onnx.ModelProto,

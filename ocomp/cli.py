@@ -254,6 +254,13 @@ def main(debug: bool) -> None:
 @click.option("--max-top1-drop", type=click.FloatRange(0, 100), default=5.0, show_default=True, metavar="PT",
               help="Accuracy guard: largest top-1 accuracy drop in points (with labels).")
 @click.option("--force", is_flag=True, help="Write the output even when the accuracy guard fails.")
+@click.option("--max-drop", type=click.FloatRange(0, 100), default=None, metavar="PT",
+              help="Mixed precision: each weighted layer ternary, int8 (onnxruntime QDQ) or float, the smallest model "
+                   "losing at most PT points on --calib (top-1 accuracy with labels, top-1 agreement without); needs a "
+                   "ternary pass.")
+@click.option("--target-size", default=None, metavar="SIZE",
+              help="Mixed precision: the most accurate ternary/int8/float mix whose file fits SIZE: a ratio to the "
+                   "original (8x) or a size (120KB, 1.5MB); needs --calib and a ternary pass.")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Time the original and the compressed model (batch 1, median of at least 5 runs) on this machine.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -265,8 +272,8 @@ def main(debug: bool) -> None:
 @handle_errors
 def compress(model: str, output: str, passes: str | None, recipe: str | None, calib: str | None,
              eval_data: str | None, report: str | None, quiet: bool, min_agreement: float, min_cosine: float,
-             max_top1_drop: float, force: bool, latency: bool, threads: int | None, input_shape: tuple[str, ...],
-             **kwargs: Any) -> None:
+             max_top1_drop: float, force: bool, max_drop: float | None, target_size: str | None, latency: bool,
+             threads: int | None, input_shape: tuple[str, ...], **kwargs: Any) -> None:
     """Compress MODEL with the given passes and write it to OUTPUT.
 
     With --eval (or --calib alone: its last 20%, at most 256 samples, held back from the passes) the
@@ -285,7 +292,7 @@ def compress(model: str, output: str, passes: str | None, recipe: str | None, ca
     result = api.compress(model, output, passes, options, calib=calib, recipe=recipe, report=report,
                           eval_data=eval_data, input_shapes=api.parse_input_shapes(input_shape),
                           data_options=data_opts, progress=not quiet and sys.stderr.isatty(), guard=guard,
-                          latency=latency, threads=threads)
+                          latency=latency, threads=threads, max_drop=max_drop, target_size=target_size)
     if not quiet:
         for rep in result.reports:
             click.echo(render_report(rep))
