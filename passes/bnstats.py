@@ -24,6 +24,7 @@ from ocomp.pipeline import Report
 
 
 CHUNK_BYTES = 32 * 2**20  # float32 bytes of samples summed at a time
+MAX_STD_SCALE = 16.0  # std matching rescales a channel by at most this factor (either way)
 
 
 @dataclass
@@ -166,11 +167,19 @@ def correct(graph: gs.Graph, target: Target, current: ChannelStats, ref: Channel
     scale = np.ones(channels)
     if match_std:
         std = np.sqrt(current.var)
-        scale = np.where(std > 1e-12, ref_std / np.maximum(std, 1e-12), 1.0)
+        ratio = ref_std / np.maximum(std, 1e-12)
+        # A channel whose spread changed by more than MAX_STD_SCALE (e.g. one that became almost constant
+        # after pruning: a ReLU nearly always off) is not miscalibrated but changed; rescaling it would
+        # blow up its noise (measured: scales of 1e10 on BlazeFace), so only its mean is corrected.
+        usable = (std > 1e-12) & (ratio <= MAX_STD_SCALE) & (ratio >= 1 / MAX_STD_SCALE)
+        scale = np.where(usable, ratio, 1.0)
+        unscaled = int(np.sum(~usable))
         layer.scale_outputs(graph, scale)
     # y' = scale * (y - bias) + new_bias must have mean ref_mean
     new_bias = ref_mean - scale * (current.mean - bias)
     layer.set_bias(graph, new_bias)
     report.change(node.name, node.op, f"{channels} ch", f"{channels} ch", 0, 0,
                   note=f"bias corrected: max |shift| {float(np.max(np.abs(new_bias - bias))):.3g}"
-                  + ("; std matched" if match_std else ""))
+                  + ("; std matched" if match_std else "")
+                  + (f" ({unscaled} channels off by more than {MAX_STD_SCALE:g}x left unscaled)"
+                     if match_std and unscaled else ""))

@@ -127,6 +127,29 @@ def test_bias_correction_after_prune_and_ternary_maps_channels() -> None:
     assert checked, "prune at 0.25 should have shrunk some ternarized layers"
 
 
+
+def test_std_matching_leaves_a_channel_that_became_constant_unscaled() -> None:
+    from ocomp.layers import layer_of
+    from ocomp.pipeline import Report
+    from ocomp.passes.bnstats import MAX_STD_SCALE, ChannelStats, Target, correct
+
+    graph = gs.import_onnx(infer_shapes(zoo.build("resnet", folded=True)))
+    conv = next(n for n in graph.nodes if n.op == "Conv")
+    layer = layer_of(conv)
+    channels = layer.out_channels
+    weight = np.array(layer.weight(), copy=True)
+    ref = ChannelStats(100, np.zeros(channels), np.full(channels, 100.0))  # mean 0, std 1 everywhere
+    squares = np.full(channels, 100 * 0.25)  # std 0.5: rescaled by 2
+    squares[0] = 100 * 1e-16  # std 1e-8: almost constant, a 1e8x rescale would be noise amplification
+    current = ChannelStats(100, np.zeros(channels), squares)
+    report = Report("bnrecal")
+    correct(graph, Target(layer, conv.outputs[0].name, 1, [conv]), current, ref, {}, True, report)
+    scaled = layer_of(conv).weight() / np.where(weight == 0, 1, weight)
+    per_channel = np.array([np.median(scaled[c][weight[c] != 0]) for c in range(channels)])
+    assert per_channel[0] == pytest.approx(1.0) and per_channel[1:] == pytest.approx(2.0)
+    assert MAX_STD_SCALE < 1e8
+    assert "1 channels off by more than" in report.layers[0].note
+
 @pytest.mark.parametrize("file", ["resnet20_fashion_mnist.onnx", "resnet20_fashion_mnist_folded.onnx"])
 def test_bnrecal_recovers_accuracy_after_ternary(shared_dir: Path, file: str) -> None:
     """Default options recover the ternary ResNet-20, with its BNs (adaptive BN) and with
