@@ -424,6 +424,7 @@ void W2A8Conv::run_depthwise(OrtKernelContext* context, const float* x, int64_t 
   };
   parallel_for(context, static_cast<size_t>(N * C), fill);
   const DepthwiseRowFn row_fn = isa_->depthwise_row;
+  const ScaleRowFn scale_row = isa_->scale_row;
   if (s.sh == s.sw) {
     // The plane as one long row: virtual position v = oy * Wp + ox reads v * sw + tap offset (the same as
     // oy * sh * Wp + ox * sw since sh == sw), so one call sums several output rows (positions ox >= OW are
@@ -442,11 +443,7 @@ void W2A8Conv::run_depthwise(OrtKernelContext* context, const float* x, int64_t 
         const int64_t r1 = std::min(OH, r0 + rows_per_chunk);
         const int64_t cnt = (r1 - r0 - 1) * Wp + OW;
         row_fn(src + r0 * Wp * s.sw, Wp, wk, int(s.kH), int(s.kW), int(s.dh), int(s.dw), int(s.sw), cnt, acc.data());
-        for (int64_t oy = r0; oy < r1; ++oy) {
-          const int32_t* a = acc.data() + (oy - r0) * Wp;
-          float* dst = out + oy * OW;
-          for (int64_t ox = 0; ox < OW; ++ox) dst[ox] = clamp_out(float(a[ox] - zc) * m + bi, lo, hi);
-        }
+        for (int64_t oy = r0; oy < r1; ++oy) scale_row(acc.data() + (oy - r0) * Wp, OW, zc, m, bi, lo, hi, out + oy * OW);
       }
     };
     parallel_for(context, static_cast<size_t>(N * s.K), work);
@@ -466,7 +463,7 @@ void W2A8Conv::run_depthwise(OrtKernelContext* context, const float* x, int64_t 
         const int64_t cnt = std::min(kChunkOut, OW - ox0);
         row_fn(src + oy * s.sh * Wp + ox0 * s.sw, Wp, wk, int(s.kH), int(s.kW), int(s.dh), int(s.dw), int(s.sw), cnt,
                acc);
-        for (int64_t j = 0; j < cnt; ++j) dst[ox0 + j] = clamp_out(float(acc[j] - zc) * m + bi, lo, hi);
+        scale_row(acc, cnt, zc, m, bi, lo, hi, dst + ox0);
       }
     }
   };

@@ -49,12 +49,17 @@ using QuantizeRowFn = void (*)(const float* x, int64_t n, float inv_scale, int32
 using EpilogueFn = void (*)(const int32_t* tile, int np, const int32_t* zc, const float* mul, const float* add,
                             float lo, float hi, float* out);
 
+// The epilogue of one depthwise channel: out[i] = clamp(float(acc[i] - zc) * mul + add, lo, hi), i < n.
+using ScaleRowFn = void (*)(const int32_t* acc, int64_t n, int32_t zc, float mul, float add, float lo, float hi,
+                            float* out);
+
 struct W2A8Isa {
   const char* name;
   DotFn dot;
   DepthwiseRowFn depthwise_row;
   QuantizeRowFn quantize_row;
   EpilogueFn epilogue;
+  ScaleRowFn scale_row;
 };
 
 // The paths compiled into this build, best first; each says whether this CPU runs it.

@@ -83,9 +83,13 @@ void epilogue(const int32_t* tile, int np, const int32_t* zc, const float* mul, 
   epilogue_impl(tile, np, zc, mul, add, lo, hi, out);
 }
 
+void scale_row(const int32_t* acc, int64_t n, int32_t zc, float mul, float add, float lo, float hi, float* out) {
+  scale_row_impl(acc, n, zc, mul, add, lo, hi, out);
+}
+
 }  // namespace
 
 extern const W2A8Isa kW2A8Avx512Vnni;
-const W2A8Isa kW2A8Avx512Vnni{"avx512vnni", &dot, &depthwise_row, &quantize_row, &epilogue};
+const W2A8Isa kW2A8Avx512Vnni{"avx512vnni", &dot, &depthwise_row, &quantize_row, &epilogue, &scale_row};
 
 }  // namespace ocomp

@@ -50,9 +50,16 @@ void epilogue(const int32_t* tile, int np, const int32_t* zc, const float* mul, 
     }
 }
 
+void scale_row(const int32_t* acc, int64_t n, int32_t zc, float mul, float add, float lo, float hi, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = float(acc[i] - zc) * mul + add;
+    out[i] = v < lo ? lo : (v > hi ? hi : v);
+  }
+}
+
 }  // namespace
 
 extern const W2A8Isa kW2A8Scalar;
-const W2A8Isa kW2A8Scalar{"scalar", &dot, &depthwise_row, &quantize_row, &epilogue};
+const W2A8Isa kW2A8Scalar{"scalar", &dot, &depthwise_row, &quantize_row, &epilogue, &scale_row};
 
 }  // namespace ocomp
