@@ -7,7 +7,7 @@ its own subprocess (so its peak memory is its own), with random calibration imag
 measures time and memory, which do not depend on the pixel values; accuracy is measured on real data by
 benchmarks/real_models.py.
 
-    python benchmarks/calib_scale.py                         # resnet50, resnet152, detector416
+    python benchmarks/calib_scale.py                         # resnet50, resnet101, resnet152, detector416
     python benchmarks/calib_scale.py --models resnet50 --images 64
     python benchmarks/calib_scale.py --budget-demo           # bnrecal under a budget smaller than one layer
 
@@ -186,11 +186,12 @@ def _linear_fit(steps: list) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="resnet50,resnet152,detector416")
+    parser.add_argument("--models", default="resnet50,resnet101,resnet152,detector416")
     parser.add_argument("--images", type=int, default=None, help="calibration images (default 256; detector 64)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--passes", default="prune,ternary,bnrecal")
     parser.add_argument("--budget-demo", action="store_true", help="resnet50 bnrecal with a 64 MiB budget")
+    parser.add_argument("--out", default=None, help="also write the output to this file (e.g. benchmarks/CALIB.md)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -202,9 +203,17 @@ def main() -> None:
                                  for f in line.split(":")[1].split() if f.startswith(("avx", "amx", "fma"))}))
     except OSError:
         pass
-    print(f"# calib_scale: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"threads {args.threads}; CPU flags: {flags}")
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    say(f"# calib_scale: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"threads {args.threads}; CPU flags: {flags}")
+    say(f"command: python benchmarks/calib_scale.py {' '.join(sys.argv[1:])}".rstrip())
     models = ["resnet50"] if args.budget_demo else args.models.split(",")
+    scaling = []  # (GMACs x images, bnrecal seconds) of the ResNets, for the across-depth fit
     for name in models:
         images = args.images or (64 if name.startswith("detector") else 256)
         with tempfile.TemporaryDirectory() as work:
@@ -213,14 +222,25 @@ def main() -> None:
             done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                                   text=True)
             if done.returncode:
-                print(f"{name}: failed\n{done.stderr[-2000:]}")
+                say(f"{name}: failed\n{done.stderr[-2000:]}")
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{name}: {r['params'] / 1e6:.1f}M params, {r['macs'] / 1e9:.2f} GMACs, {images} images: "
-              f"wall {r['wall']:.1f} s, passes {r['passes']}, peak RSS {r['peak_rss_mb']:.0f} MB")
+        budget = " (bnrecal --bnrecal-memory 64 MiB)" if args.budget_demo else ""
+        say(f"{name}: {r['params'] / 1e6:.1f}M params, {r['macs'] / 1e9:.2f} GMACs, {images} images{budget}: "
+            f"wall {r['wall']:.1f} s, passes {r['passes']}, peak RSS {r['peak_rss_mb']:.0f} MB")
         if r["sweep"]:
-            print(f"  sweep: {r['sweep']}")
-            print(f"  bnrecal per layer: {_linear_fit(r['steps'])}")
+            say(f"  sweep: {r['sweep']}")
+            say(f"  bnrecal per layer: {_linear_fit(r['steps'])}")
+            if name.startswith("resnet") and "bnrecal" in r["passes"]:
+                scaling.append((name, r["macs"] / 1e9 * images, r["passes"]["bnrecal"]))
+    if len(scaling) >= 2:
+        work = np.array([w for _, w, _ in scaling])
+        secs = np.array([t for _, _, t in scaling])
+        slope, offset = np.polyfit(work, secs, 1)
+        fitted = ", ".join(f"{n} {t:.1f} s (fit {slope * w + offset:.1f})" for n, w, t in scaling)
+        say(f"across depth: bnrecal seconds = {slope * 1000:.2f} ms x (GMACs x images) + {offset:.1f} s: {fitted}")
+    if args.out:
+        Path(args.out).write_text("```\n" + "\n".join(lines) + "\n```\n")
 
 
 if __name__ == "__main__":
