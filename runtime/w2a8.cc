@@ -321,6 +321,18 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
   const uint8_t zb = static_cast<uint8_t>(z);
   const QuantizeRowFn quantize_row = isa_->quantize_row;
 
+  // 0. The whole input quantized at once, in NCHW order (long contiguous runs: no per-row remainders).
+  const int64_t total = N * C * H * W;
+  thread_local std::vector<uint8_t> quantized;
+  quantized.resize(static_cast<size_t>(total));
+  uint8_t* qx = quantized.data();
+  constexpr int64_t kQuantChunk = 16384;
+  auto quantize = [&](size_t item) {
+    const int64_t i0 = int64_t(item) * kQuantChunk;
+    quantize_row(x + i0, std::min(kQuantChunk, total - i0), inv, z, qx + i0);
+  };
+  parallel_for(context, static_cast<size_t>((total + kQuantChunk - 1) / kQuantChunk), quantize);
+
   // Padded rows some output reads (a strided conv with a kernel shorter than its stride skips rows; the
   // buffer's other rows are never read and stay unwritten).
   std::vector<char> needed(static_cast<size_t>(Hp), 0);
@@ -341,24 +353,13 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
     std::memset(row + (s.pl + W) * Cp, zb, static_cast<size_t>(s.pr * Cp));
     if (Cp != Cg)
       for (int64_t w = 0; w < W; ++w) std::memset(row + (s.pl + w) * Cp + Cg, zb, static_cast<size_t>(Cp - Cg));
-    // Quantize contiguous input rows of up to 16 channels (vectorized), then interleave them.
-    constexpr int64_t kSpan = 256;
-    alignas(64) uint8_t tmp[16 * kSpan];
-    for (int64_t w0 = 0; w0 < W; w0 += kSpan) {
-      const int64_t wn = std::min(kSpan, W - w0);
-      for (int64_t c0 = 0; c0 < Cg; c0 += 16) {
-        const int64_t cn = std::min<int64_t>(16, Cg - c0);
-        for (int64_t c = 0; c < cn; ++c)
-          quantize_row(x + ((n * C + g * Cg + c0 + c) * H + h) * W + w0, wn, inv, z, tmp + c * kSpan);
-        uint8_t* dst = row + (s.pl + w0) * Cp + c0;
-        if (cn == 16) {
-          transpose16(tmp, kSpan, wn, dst, Cp);
-        } else {
-          for (int64_t w = 0; w < wn; ++w)
-            for (int64_t c = 0; c < cn; ++c) dst[w * Cp + c] = tmp[c * kSpan + w];
-        }
-      }
-    }
+    // Interleave the channels of the quantized NCHW input: 16 at a time by a byte transpose.
+    const uint8_t* src = qx + ((n * C + g * Cg) * H + h) * W;
+    uint8_t* dst = row + s.pl * Cp;
+    int64_t c0 = 0;
+    for (; c0 + 16 <= Cg; c0 += 16) transpose16(src + c0 * H * W, H * W, W, dst + c0, Cp);
+    for (; c0 < Cg; ++c0)
+      for (int64_t w = 0; w < W; ++w) dst[w * Cp + c0] = src[c0 * H * W + w];
   };
   parallel_for(context, static_cast<size_t>(N * G * Hp), fill);
 
