@@ -167,7 +167,7 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
         passes_seconds = time.perf_counter() - start
     else:
         result, calibration = _mixed(model, names, merged, budget, whole_calibration, reference, guard, progress,
-                                     threads)
+                                     threads, model_file_size(input_path, external))
         passes_seconds = float("inf")  # a failing guard is not repeated pass by pass: the plan is the run
     out = result.model
     add_provenance(out, [{"name": r.pass_name, "options": r.options} for r in result.reports])
@@ -194,7 +194,12 @@ def compress(input_path: str | os.PathLike, output_path: str | os.PathLike,
     return outcome
 
 
-def _mixed(model, names, merged, budget, calibration, reference, guard, progress, threads):
+def model_file_size(path: str | os.PathLike, external: Sequence[Path]) -> int:
+    """Bytes of a model on disk, its external data files included."""
+    return os.path.getsize(path) + sum(os.path.getsize(p) for p in external)
+
+
+def _mixed(model, names, merged, budget, calibration, reference, guard, progress, threads, original_size):
     """Mixed precision under `budget`: (the pipeline result of the chosen plan, the data the passes used).
     The passes fit on the first 80% of --calib (ocomp.guard.hold_back) and the drop is measured on all of it."""
     import sys
@@ -206,7 +211,7 @@ def _mixed(model, names, merged, budget, calibration, reference, guard, progress
     fit = hold_back(calibration)[0]
     log = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else None
     found = search(model, names, merged, budget, fit, calibration, reference, threads=threads, progress=progress,
-                   log=log)
+                   log=log, original_size=original_size)
     if not found.reached:
         if guard is None or not guard.force:
             raise GuardError(f"{found.message}; nothing written (use --force to write it anyway)")

@@ -389,13 +389,19 @@ def split_passes(passes: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def search(model: onnx.ModelProto, passes: Sequence[str], options: Mapping[str, Mapping[str, Any]],
            budget: Budget, fit, judge, reference: onnx.ModelProto, *, threads: int | None = None,
-           progress: bool = False, log: Callable[[str], None] | None = None) -> MixedResult:
+           progress: bool = False, log: Callable[[str], None] | None = None,
+           original_size: int | None = None) -> MixedResult:
     """The smallest plan within `budget` (`--max-drop`), or the most accurate within the size
     (`--target-size`); `fit` is the data the passes and the int8 calibration use, `judge` what the drop is
     measured on (ocomp.api: the whole calibration set, of which `fit` is the first 80%: a drop measured
     on the held-back 20% alone moves in steps of 2.5 points with PP-OCR's 200 calibration samples).
     Raises nothing when the budget cannot be met: `reached` is False and `message` says what the closest
-    candidate reached (the caller refuses it unless forced)."""
+    candidate reached (the caller refuses it unless forced). `original_size`: the bytes a ratio such as
+    "8x" divides (default: the serialized reference model).
+
+    Passes before `ternary` (prune) run once on the float model, followed by bnrecal when the pipeline has
+    it: a layer made int8 afterwards can no longer be re-fitted, so the pruned float model is repaired
+    before the int8 layers are made."""
     from .guard import measure
     from .pipeline import KeptChannels, resolve_options, run_passes
 
@@ -408,6 +414,8 @@ def search(model: onnx.ModelProto, passes: Sequence[str], options: Mapping[str, 
     base = model
     prefix_reports: list = []
     if prefix:
+        if "bnrecal" in suffix and "bnrecal" not in prefix:
+            prefix = prefix + ["bnrecal"]
         done = run_passes(model, prefix, {k: v for k, v in options.items() if k in prefix}, calibration=fit,
                           reference=reference, progress=progress, kept_channels=kept, threads=threads)
         base, prefix_reports = done.model, done.reports
@@ -501,7 +509,7 @@ def search(model: onnx.ModelProto, passes: Sequence[str], options: Mapping[str, 
                         hi = mid
                     else:
                         lo = mid
-                chosen = build(f"{hi} most sensitive int8", forms_for(hi))
+                chosen = min((c for c in tried if c.drop <= limit), key=lambda c: (c.size, c.drop))
             else:
                 chosen = _float_fallback(base, plans, forms_for(n), fit, sample, limit, run, threads, say)
                 if chosen.drop > limit:
@@ -509,19 +517,18 @@ def search(model: onnx.ModelProto, passes: Sequence[str], options: Mapping[str, 
                     message = (f"--max-drop {budget.max_drop:g}: not reached; the closest candidate ({chosen.label}) "
                                f"loses {chosen.drop:.2f} pt on the calibration data")
     else:
-        target = parse_size(budget.target_size, reference.ByteSize())
+        original_size = original_size or reference.ByteSize()
+        target = parse_size(budget.target_size, original_size)
         smallest = run("all ternary", forms_for(0))
         if smallest.size > target:
             chosen, reached = smallest, False
             message = (f"--target-size {budget.target_size} ({target / 1000:.1f} KB): not reached; the smallest plan "
                        f"(every ternary-capable layer ternary, the rest int8) is {smallest.size / 1000:.1f} KB "
-                       f"({reference.ByteSize() / smallest.size:.2f}x smaller), drop {smallest.drop:.2f} pt")
+                       f"({original_size / smallest.size:.2f}x smaller), drop {smallest.drop:.2f} pt")
         else:
             chosen = smallest
             largest = run(f"all {n} int8", forms_for(n))
-            if largest.size <= target:
-                chosen = largest
-            else:
+            if largest.size > target:
                 lo, hi = 0, n  # lo fits, hi does not
                 while hi - lo > 1:
                     mid = (lo + hi) // 2
@@ -529,7 +536,8 @@ def search(model: onnx.ModelProto, passes: Sequence[str], options: Mapping[str, 
                         lo = mid
                     else:
                         hi = mid
-                chosen = build(f"{lo} most sensitive int8", forms_for(lo)) if lo else smallest
+            # bisection assumes more int8 is more accurate; of what was built and fits, the most accurate
+            chosen = min((c for c in tried if c.size <= target), key=lambda c: (c.drop, c.size))
     report = _report(plans, chosen, tried, budget, rank, order, time.perf_counter() - start, len(fit), reached,
                      message)
     return MixedResult(chosen.model, [report] + chosen.reports, chosen, tried, reached, message)

@@ -211,3 +211,17 @@ def test_cli_prints_the_plan_and_writes_it(plain, tmp_path: Path) -> None:
     for init in model.graph.initializer:  # int8 weights are stored as int8, not as float
         if init.name.endswith("_quantized"):
             assert numpy_helper.to_array(init).dtype == np.int8
+
+
+def test_prune_before_the_mix_is_repaired_before_int8(plain, tmp_path: Path) -> None:
+    """prune runs once on the float model and bnrecal repairs it before any layer is made int8 (an int8
+    layer cannot be re-fitted afterwards); the plan is then made on the pruned model."""
+    path, calib, _ = plain
+    out = tmp_path / "pruned.onnx"
+    result = api.compress(path, out, "prune,ternary,bnrecal", {"prune": {"ratio": 0.25}}, calib=calib,
+                          target_size="3x")
+    names = [r.pass_name for r in result.reports]
+    assert names == ["mixed", "prune", "bnrecal", "ternary", "bnrecal"], names
+    assert out.stat().st_size <= path.stat().st_size / 3
+    assert _forms(onnx.load(str(out))) == _plan(result)
+    assert result.after.params < result.before.params
