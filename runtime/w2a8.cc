@@ -377,6 +377,7 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
   const int64_t pgroups = std::min(w0.panels, std::max<int64_t>(1, (kMinItems + rows - 1) / rows));
   const int64_t per_item = (w0.panels + pgroups - 1) / pgroups;
   const DotFn dot = isa_->dot;
+  const Dot2Fn dot2 = isa_->dot2;
   const EpilogueFn epilogue = isa_->epilogue;
   const int64_t ps = s.sw * Cp;
   auto work = [&](size_t item) {
@@ -387,19 +388,38 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
     alignas(64) int32_t tile[kMaxRun * kPanel];
     alignas(64) float ftile[kMaxRun * kPanel];
     PanelEpilogue e;
+    alignas(64) int32_t tile2[kMaxRun * kPanel];
+    PanelEpilogue e2;
     const int64_t p_end = std::min(wg.panels, (pg + 1) * per_item);
-    for (int64_t p = pg * per_item; p < p_end; ++p) {
+    auto store = [&](const int32_t* t, const PanelEpilogue& pe, int64_t p, int64_t ox0, int np) {
+      const int64_t nk = std::min<int64_t>(kPanel, Kg - p * kPanel);
+      epilogue(t, np, pe.zc, pe.mul, pe.add, lo, hi, ftile);
+      float* dst = y + ((n * s.K + g * Kg + p * kPanel) * OH + oy) * OW + ox0;
+      for (int64_t c = 0; c < nk; ++c)
+        for (int j = 0; j < np; ++j) dst[c * OH * OW + j] = ftile[j * kPanel + c];
+    };
+    for (int64_t p = pg * per_item; p < p_end;) {
+      const bool pair = dot2 != nullptr && p + 1 < p_end;
       const int64_t nk = std::min<int64_t>(kPanel, Kg - p * kPanel);
       const int32_t* wsum = wg.wsum.data() + p * kPanel;
       e.set(wsum, z, mul.data() + g * Kg + p * kPanel, bias ? bias + g * Kg + p * kPanel : nullptr, nk);
+      if (pair) {
+        const int64_t nk2 = std::min<int64_t>(kPanel, Kg - (p + 1) * kPanel);
+        e2.set(wsum + kPanel, z, mul.data() + g * Kg + (p + 1) * kPanel,
+               bias ? bias + g * Kg + (p + 1) * kPanel : nullptr, nk2);
+      }
       for (int64_t ox0 = 0; ox0 < OW; ox0 += kMaxRun) {
         const int np = static_cast<int>(std::min<int64_t>(kMaxRun, OW - ox0));
-        dot(arow + ox0 * ps, ps, off.data(), wg.nblocks, wg.panel(p), wsum, np, tile);
-        epilogue(tile, np, e.zc, e.mul, e.add, lo, hi, ftile);
-        float* dst = y + ((n * s.K + g * Kg + p * kPanel) * OH + oy) * OW + ox0;
-        for (int64_t c = 0; c < nk; ++c)
-          for (int j = 0; j < np; ++j) dst[c * OH * OW + j] = ftile[j * kPanel + c];
+        if (pair) {
+          dot2(arow + ox0 * ps, ps, off.data(), wg.nblocks, wg.panel(p), wg.panel(p + 1), np, tile, tile2);
+          store(tile, e, p, ox0, np);
+          store(tile2, e2, p + 1, ox0, np);
+        } else {
+          dot(arow + ox0 * ps, ps, off.data(), wg.nblocks, wg.panel(p), wsum, np, tile);
+          store(tile, e, p, ox0, np);
+        }
       }
+      p += pair ? 2 : 1;
     }
   };
   parallel_for(context, static_cast<size_t>(rows * pgroups), work);
@@ -503,6 +523,7 @@ void W2A8Gemm::run(OrtKernelContext* context, const float* x, int64_t M, const A
   const int64_t pgroups = std::min(w_.panels, std::max<int64_t>(1, (kMinItems + runs - 1) / runs));
   const int64_t per_item = (w_.panels + pgroups - 1) / pgroups;
   const DotFn dot = isa_->dot;
+  const Dot2Fn dot2 = isa_->dot2;
   const EpilogueFn epilogue = isa_->epilogue;
   auto work = [&](size_t item) {
     const int64_t pg = int64_t(item) % pgroups, r = int64_t(item) / pgroups;
@@ -511,15 +532,27 @@ void W2A8Gemm::run(OrtKernelContext* context, const float* x, int64_t M, const A
     alignas(64) int32_t tile[kMaxRun * kPanel];
     alignas(64) float ftile[kMaxRun * kPanel];
     PanelEpilogue e;
+    alignas(64) int32_t tile2[kMaxRun * kPanel];
     const int64_t p_end = std::min(w_.panels, (pg + 1) * per_item);
-    for (int64_t p = pg * per_item; p < p_end; ++p) {
+    auto store = [&](const int32_t* t, int64_t p) {
       const int32_t* wsum = w_.wsum.data() + p * kPanel;
       const int64_t nk = std::min<int64_t>(kPanel, N - p * kPanel);
       e.set(wsum, z, mul.data() + p * kPanel, bias ? bias + p * kPanel : nullptr, nk);
-      dot(buf + m0 * Kp, Kp, offsets_.data(), w_.nblocks, w_.panel(p), wsum, np, tile);
-      epilogue(tile, np, e.zc, e.mul, e.add, lo, hi, ftile);
+      epilogue(t, np, e.zc, e.mul, e.add, lo, hi, ftile);
       for (int j = 0; j < np; ++j)
         std::memcpy(y + (m0 + j) * N + p * kPanel, ftile + j * kPanel, sizeof(float) * static_cast<size_t>(nk));
+    };
+    for (int64_t p = pg * per_item; p < p_end;) {
+      if (dot2 != nullptr && p + 1 < p_end) {
+        dot2(buf + m0 * Kp, Kp, offsets_.data(), w_.nblocks, w_.panel(p), w_.panel(p + 1), np, tile, tile2);
+        store(tile, p);
+        store(tile2, p + 1);
+        p += 2;
+      } else {
+        dot(buf + m0 * Kp, Kp, offsets_.data(), w_.nblocks, w_.panel(p), w_.wsum.data() + p * kPanel, np, tile);
+        store(tile, p);
+        p += 1;
+      }
     }
   };
   parallel_for(context, static_cast<size_t>(runs * pgroups), work);

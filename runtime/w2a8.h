@@ -53,6 +53,11 @@ using EpilogueFn = void (*)(const int32_t* tile, int np, const int32_t* zc, cons
 using ScaleRowFn = void (*)(const int32_t* acc, int64_t n, int32_t zc, float mul, float add, float lo, float hi,
                             float* out);
 
+// Two panels at once (the same sums as two DotFn calls, into out0 and out1): each activation broadcast feeds
+// 32 output channels, halving the loads per multiply-add. nullptr on paths without it.
+using Dot2Fn = void (*)(const uint8_t* a, int64_t pixel_stride, const int32_t* quad_offset, int64_t nblocks,
+                        const uint8_t* panel0, const uint8_t* panel1, int np, int32_t* out0, int32_t* out1);
+
 struct W2A8Isa {
   const char* name;
   DotFn dot;
@@ -60,6 +65,7 @@ struct W2A8Isa {
   QuantizeRowFn quantize_row;
   EpilogueFn epilogue;
   ScaleRowFn scale_row;
+  Dot2Fn dot2;
 };
 
 // The paths compiled into this build, best first; each says whether this CPU runs it.

@@ -69,6 +69,61 @@ void dot(const uint8_t* a, int64_t ps, const int32_t* off, int64_t nblocks, cons
   }
 }
 
+template <int NP>
+void dot2_np(const uint8_t* a, int64_t ps, const int32_t* off, int64_t nblocks, const uint8_t* panel0,
+             const uint8_t* panel1, int32_t* out0, int32_t* out1) {
+  constexpr int NQ = NP <= 2 ? 2 : 1;
+  __m512i acc0[NP][NQ], acc1[NP][NQ];
+  for (int j = 0; j < NP; ++j)
+    for (int s = 0; s < NQ; ++s) acc0[j][s] = acc1[j][s] = _mm512_setzero_si512();
+  const __m512i m3 = _mm512_set1_epi8(0x03), mc = _mm512_set1_epi8(0x0C);
+  const __m512i lut0 = _mm512_set1_epi32(0x00FF0100);
+  const __m512i lut1 = _mm512_set4_epi32(0, -1, 0x01010101, 0);
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const __m512i v = _mm512_loadu_si512(panel0 + b * kBlockBytes);
+    const __m512i u = _mm512_loadu_si512(panel1 + b * kBlockBytes);
+    const __m512i v4 = _mm512_srli_epi16(v, 4), u4 = _mm512_srli_epi16(u, 4);
+    const int32_t* o = off + 4 * b;
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const __m512i vi = i >= 2 ? v4 : v, ui = i >= 2 ? u4 : u;
+      const __m512i mask = (i & 1) ? mc : m3, lut = (i & 1) ? lut1 : lut0;
+      const __m512i w0 = _mm512_shuffle_epi8(lut, _mm512_and_si512(vi, mask));
+      const __m512i w1 = _mm512_shuffle_epi8(lut, _mm512_and_si512(ui, mask));
+      const uint8_t* ai = a + o[i];
+#pragma GCC unroll 8
+      for (int j = 0; j < NP; ++j) {
+        const __m512i x = _mm512_set1_epi32(load4(ai + j * ps));
+        acc0[j][i % NQ] = _mm512_dpbusd_epi32(acc0[j][i % NQ], x, w0);
+        acc1[j][i % NQ] = _mm512_dpbusd_epi32(acc1[j][i % NQ], x, w1);
+      }
+    }
+  }
+  for (int j = 0; j < NP; ++j) {
+    __m512i s0 = acc0[j][0], s1 = acc1[j][0];
+    for (int q = 1; q < NQ; ++q) {
+      s0 = _mm512_add_epi32(s0, acc0[j][q]);
+      s1 = _mm512_add_epi32(s1, acc1[j][q]);
+    }
+    _mm512_storeu_si512(out0 + j * kPanel, s0);
+    _mm512_storeu_si512(out1 + j * kPanel, s1);
+  }
+}
+
+void dot2(const uint8_t* a, int64_t ps, const int32_t* off, int64_t nblocks, const uint8_t* panel0,
+          const uint8_t* panel1, int np, int32_t* out0, int32_t* out1) {
+  switch (np) {
+    case 1: dot2_np<1>(a, ps, off, nblocks, panel0, panel1, out0, out1); break;
+    case 2: dot2_np<2>(a, ps, off, nblocks, panel0, panel1, out0, out1); break;
+    case 3: dot2_np<3>(a, ps, off, nblocks, panel0, panel1, out0, out1); break;
+    case 4: dot2_np<4>(a, ps, off, nblocks, panel0, panel1, out0, out1); break;
+    case 5: dot2_np<5>(a, ps, off, nblocks, panel0, panel1, out0, out1); break;
+    case 6: dot2_np<6>(a, ps, off, nblocks, panel0, panel1, out0, out1); break;
+    case 7: dot2_np<7>(a, ps, off, nblocks, panel0, panel1, out0, out1); break;
+    default: dot2_np<8>(a, ps, off, nblocks, panel0, panel1, out0, out1); break;
+  }
+}
+
 void depthwise_row(const uint8_t* rows, int64_t row_stride, const int8_t* w, int kH, int kW, int dh, int dw, int sw,
                    int64_t OW, int32_t* acc) {
   depthwise_row_impl(rows, row_stride, w, kH, kW, dh, dw, sw, OW, acc);
@@ -90,6 +145,6 @@ void scale_row(const int32_t* acc, int64_t n, int32_t zc, float mul, float add, 
 }  // namespace
 
 extern const W2A8Isa kW2A8Avx512Vnni;
-const W2A8Isa kW2A8Avx512Vnni{"avx512vnni", &dot, &depthwise_row, &quantize_row, &epilogue, &scale_row};
+const W2A8Isa kW2A8Avx512Vnni{"avx512vnni", &dot, &depthwise_row, &quantize_row, &epilogue, &scale_row, &dot2};
 
 }  // namespace ocomp

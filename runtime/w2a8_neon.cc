@@ -132,6 +132,6 @@ void scale_row(const int32_t* acc, int64_t n, int32_t zc, float mul, float add, 
 }  // namespace
 
 extern const W2A8Isa OCOMP_W2A8_ISA_VAR;
-const W2A8Isa OCOMP_W2A8_ISA_VAR{OCOMP_W2A8_ISA_NAME, &dot, &depthwise_row, &quantize_row, &epilogue, &scale_row};
+const W2A8Isa OCOMP_W2A8_ISA_VAR{OCOMP_W2A8_ISA_NAME, &dot, &depthwise_row, &quantize_row, &epilogue, &scale_row, nullptr};
 
 }  // namespace ocomp

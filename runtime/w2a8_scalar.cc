@@ -60,6 +60,6 @@ void scale_row(const int32_t* acc, int64_t n, int32_t zc, float mul, float add, 
 }  // namespace
 
 extern const W2A8Isa kW2A8Scalar;
-const W2A8Isa kW2A8Scalar{"scalar", &dot, &depthwise_row, &quantize_row, &epilogue, &scale_row};
+const W2A8Isa kW2A8Scalar{"scalar", &dot, &depthwise_row, &quantize_row, &epilogue, &scale_row, nullptr};
 
 }  // namespace ocomp
