@@ -31,6 +31,7 @@ from .errors import OcompError
 from .graph import CUSTOM_DOMAIN, is_empty
 
 DEFAULT_BUDGET = 2**30  # bytes of calibration-set activations kept in memory (the rest is spilled)
+STREAM_BYTES = 256 * 2**20  # Sweep.stream: bytes of values handed over at a time
 
 
 class DiskArray:
@@ -258,6 +259,33 @@ class Sweep:
         session = self.session_factory(self._model(nodes, inputs, outputs))
         for b, (lo, hi) in enumerate(self.calibration.bounds):
             yield b, session.run(list(outputs), {n: np.asarray(self.store[n][lo:hi]) for n in inputs})
+
+    def stream(self, names: Sequence[str], max_bytes: int = STREAM_BYTES) -> Iterator[dict[str, np.ndarray]]:
+        """The values of `names` over the calibration set, a slice of samples at a time, with nothing kept
+        (for statistics of a graph that is not rewritten meanwhile, e.g. an importance criterion): one
+        session runs what they need; slices hold about `max_bytes` of those values (the first slice, one
+        sample, measures them). Nodes are not marked run."""
+        names = list(dict.fromkeys(names))
+        nodes = self._needed([n for n in names if n not in self.store])
+        inputs = self._segment_inputs(nodes)
+        computed = [n for n in names if n not in self.store]
+        session = self.session_factory(self._model(nodes, inputs, computed)) if computed else None
+        start = time.perf_counter()
+        step = 1
+        for lo, hi in self.calibration.bounds:
+            a = lo
+            while a < hi:
+                b = min(hi, a + step)
+                values = dict(zip(computed, session.run(computed, {n: np.asarray(self.store[n][a:b]) for n in inputs}))
+                              if session is not None else [])
+                values.update({n: np.asarray(self.store[n][a:b]) for n in names if n not in values})
+                if step == 1:  # now the bytes a sample takes are known
+                    step = max(1, int(max_bytes // max(sum(v.nbytes for v in values.values()), 1)))
+                yield values
+                a = b
+        self.stats.segments += 1
+        self.stats.nodes += len(nodes)
+        self.stats.seconds += time.perf_counter() - start
 
     def close(self) -> None:
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.store.peak)

@@ -59,13 +59,15 @@ class ChannelStats:
                 moved = np.moveaxis(chunk, ax, 0).reshape(chunk.shape[ax], -1).astype(np.float64)
                 total = np.abs(moved).sum(axis=1) if absolute else moved.sum(axis=1)
                 part = cls(moved.shape[1], total, np.einsum("ij,ij->i", moved, moved))
-                if stats is None:
-                    stats = part
-                else:
-                    stats.count += part.count
-                    stats.total += part.total
-                    stats.squares += part.squares
+                stats = part if stats is None else stats.merge(part)
         return stats
+
+    def merge(self, other: "ChannelStats") -> "ChannelStats":
+        """These statistics and `other`'s, of more values of the same channels, summed in place."""
+        self.count += other.count
+        self.total += other.total
+        self.squares += other.squares
+        return self
 
 
 # ---------------------------------------------------------------- adaptive BN

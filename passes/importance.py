@@ -101,14 +101,15 @@ def activation_scores(graph: gs.Graph, analysis: ChannelAnalysis, group_ids, cal
                 wanted[c.tensor] = analysis.layouts[c.tensor].axis
             elif criterion == "energy" and c.kind in ch.EXIT_KINDS:
                 wanted[c.tensor] = analysis.layouts[c.tensor].axis
-    means: dict[str, np.ndarray] = {}
+    stats: dict[str, ChannelStats] = {}
     graph.toposort()
-    order = {t.name: i for i, n in enumerate(graph.nodes) for t in n.outputs}
     with Sweep(graph, Calibration.read(calibration), session_factory, opsets=opsets) as sweep:
-        for name in sorted(wanted, key=lambda t: order.get(t, 0)):
-            stats = ChannelStats.of([sweep.get([name])[name]], wanted[name], absolute=criterion == "activation")
-            means[name] = (stats.squares if criterion == "energy" else stats.total) / stats.count
-    return means
+        # the graph is not rewritten while measuring: one run streams every tensor's statistics
+        for values in sweep.stream(list(wanted)):
+            for name, value in values.items():
+                part = ChannelStats.of([value], wanted[name], absolute=criterion == "activation")
+                stats[name] = part if name not in stats else stats[name].merge(part)
+    return {name: (s.squares if criterion == "energy" else s.total) / s.count for name, s in stats.items()}
 
 
 def select_channels(scores: np.ndarray, dead: np.ndarray, ratio: float, multiple: int = 1,

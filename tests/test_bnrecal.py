@@ -229,6 +229,23 @@ def test_store_spills_whole_arrays_to_files_read_back_by_slices(tmp_path: Path) 
     store.close()
 
 
+
+def test_sweep_stream_hands_over_every_sample_in_slices_of_bounded_size() -> None:
+    from ocomp.sweep import Calibration, Sweep
+
+    model = infer_shapes(zoo.build("resnet", folded=True))
+    graph = gs.import_onnx(model)
+    graph.toposort()
+    names = [n.outputs[0].name for n in graph.nodes if n.op == "Conv"][:3]
+    x = zoo.random_input(model, batch=20, seed=3)["input"]
+    want = exposed_values(model, names, {"input": x})
+    per_sample = sum(want[n][:1].nbytes for n in names)
+    with Sweep(graph, Calibration({"input": x}, [(0, 12), (12, 20)])) as sweep:
+        slices = list(sweep.stream(names, max_bytes=5 * per_sample))
+    assert [len(s[names[0]]) for s in slices] == [1, 5, 5, 1, 5, 3]  # sized by the first; never across batches
+    for name in names:
+        np.testing.assert_allclose(np.concatenate([s[name] for s in slices]), want[name], rtol=1e-5, atol=1e-5)
+
 # ---------------------------------------------------------------- weight reconstruction (--bnrecal-reconstruct)
 
 
