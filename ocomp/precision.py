@@ -576,6 +576,7 @@ def _report(plans, chosen: Candidate, tried, budget: Budget, rank, order, second
 
     report = Report("mixed")
     n = len(order)
+    moved = sum(1 for p in order if chosen.forms.get(p.name) != "ternary")
     for p in plans:
         form = chosen.forms.get(p.name, "float")
         p.choice = form
@@ -583,8 +584,9 @@ def _report(plans, chosen: Candidate, tried, budget: Budget, rank, order, second
             why = (f"{p.ternary_reason}; " + ("int8 (the smallest form it has)" if form == "int8"
                                                else "onnxruntime's quantizer does not make it int8"))
         else:
+            place = "among" if rank[p.name] < moved else "after"
             why = (f"ternary sensitivity {p.sensitivity:.3g} (output noise/signal), rank {rank[p.name] + 1} of {n} "
-                   "by sensitivity per byte")
+                   f"by sensitivity per byte, {place} the {moved} the plan keeps off ternary")
             if p.int8_sensitivity is not None:
                 why += f"; int8 sensitivity {p.int8_sensitivity:.3g}"
         p.why = why
