@@ -14,6 +14,7 @@
 #endif
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#include <xmmintrin.h>
 #endif
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
@@ -170,6 +171,28 @@ void transpose16(const uint8_t* src, int64_t src_stride, int64_t n, uint8_t* dst
 #endif
   for (; w < n; ++w)
     for (int64_t c = 0; c < 16; ++c) dst[w * dst_stride + c] = src[c * src_stride + w];
+}
+
+// dst[c * stride + j] = tile[j * kPanel + c] for pixels j < np and channels c < nk (a run's epilogue output,
+// pixel-major, written to NCHW planes); full 8 x 16 tiles by SSE 4 x 4 float transposes.
+void store_channels(const float* tile, int np, int64_t nk, float* dst, int64_t stride) {
+#if defined(__SSE2__)
+  if (np == kMaxRun && nk == kPanel) {
+    for (int j0 = 0; j0 < kMaxRun; j0 += 4)
+      for (int c0 = 0; c0 < kPanel; c0 += 4) {
+        __m128 r0 = _mm_loadu_ps(tile + (j0 + 0) * kPanel + c0), r1 = _mm_loadu_ps(tile + (j0 + 1) * kPanel + c0);
+        __m128 r2 = _mm_loadu_ps(tile + (j0 + 2) * kPanel + c0), r3 = _mm_loadu_ps(tile + (j0 + 3) * kPanel + c0);
+        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+        _mm_storeu_ps(dst + (c0 + 0) * stride + j0, r0);
+        _mm_storeu_ps(dst + (c0 + 1) * stride + j0, r1);
+        _mm_storeu_ps(dst + (c0 + 2) * stride + j0, r2);
+        _mm_storeu_ps(dst + (c0 + 3) * stride + j0, r3);
+      }
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < nk; ++c)
+    for (int j = 0; j < np; ++j) dst[c * stride + j] = tile[j * kPanel + c];
 }
 
 }  // namespace
@@ -394,9 +417,7 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
     auto store = [&](const int32_t* t, const PanelEpilogue& pe, int64_t p, int64_t ox0, int np) {
       const int64_t nk = std::min<int64_t>(kPanel, Kg - p * kPanel);
       epilogue(t, np, pe.zc, pe.mul, pe.add, lo, hi, ftile);
-      float* dst = y + ((n * s.K + g * Kg + p * kPanel) * OH + oy) * OW + ox0;
-      for (int64_t c = 0; c < nk; ++c)
-        for (int j = 0; j < np; ++j) dst[c * OH * OW + j] = ftile[j * kPanel + c];
+      store_channels(ftile, np, nk, y + ((n * s.K + g * Kg + p * kPanel) * OH + oy) * OW + ox0, OH * OW);
     };
     for (int64_t p = pg * per_item; p < p_end;) {
       const bool pair = dot2 != nullptr && p + 1 < p_end;
