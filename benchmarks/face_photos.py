@@ -27,7 +27,6 @@ weighted non-maximum suppression, IoU 0.3).
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import hashlib
 import io
 import json
@@ -38,7 +37,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 if __name__ == "__main__":  # before numpy loads OpenBLAS (its idle threads spin)
@@ -163,11 +162,18 @@ def agreement(ref: Detections, det: Detections, match_iou: float = MATCH_IOU) ->
     decision_agreement: fraction of images with the same face / no-face decision;
     detection_agreement: on the images where the original detects a face, the fraction where the compressed
     model also detects one and its best box overlaps the original's by IoU >= match_iou;
-    mean_iou: mean IoU of the two best boxes on those images."""
+    mean_iou: mean IoU of the two best boxes on those images;
+    decision_agreement_clear: decision agreement on the clear_images, those whose original best score is at
+    least one logit away from the threshold (the others flip with small score changes)."""
     same = ref.face == det.face
     found = ref.face
     iou = box_iou(ref.box, det.box)
     out = {"decision_agreement": float(np.mean(same)), "detected_by_original": int(found.sum())}
+    # the same on the images whose original score is at least one logit away from the threshold
+    logit = np.log(np.clip(ref.score, 1e-12, 1)) - np.log(np.clip(1 - ref.score, 1e-12, 1))
+    clear = np.abs(logit - np.log(ref.threshold / (1 - ref.threshold))) >= 1.0
+    out["clear_images"] = int(clear.sum())
+    out["decision_agreement_clear"] = float(np.mean(same[clear])) if clear.any() else float("nan")
     if found.any():
         out["detection_agreement"] = float(np.mean(det.face[found] & (iou[found] >= match_iou)))
         out["mean_iou"] = float(np.mean(iou[found]))
@@ -285,7 +291,7 @@ PHOTOS = [
     Photo("skimage", "skimage/data/coins.png", note="no known copyright restrictions"),
     Photo("sklearn", "sklearn/datasets/images/china.jpg", split="calib", note="CC BY 2.0 danielbuechele"),
     Photo("sklearn", "sklearn/datasets/images/flower.jpg", note="CC BY 2.0 vultilion"),
-] + [Photo("opencv-doc", _OCV + m, split=s) for m, s in [
+] + [Photo("opencv-doc", _OCV + m, split=s, note="OpenCV sample data") for m, s in [
     ("data/fruits.jpg", "calib"), ("data/building.jpg", "eval"), ("data/home.jpg", "eval"),
     ("data/apple.jpg", "calib"), ("data/orange.jpg", "eval"), ("data/butterfly.jpg", "eval"),
     ("data/board.jpg", "calib"), ("data/aero1.jpg", "eval"), ("data/aloeL.jpg", "eval"),
@@ -331,7 +337,7 @@ def fetch(cache: Path, sources=None, log=print) -> dict[str, Path]:
     return have
 
 
-def _ar_members(data: bytes):
+def ar_members(data: bytes):
     """(name, bytes) of each member of a Unix ar archive (a .deb)."""
     if not data.startswith(b"!<arch>\n"):
         raise ValueError("not an ar archive")
@@ -367,7 +373,7 @@ def read_members(archive: Path, members: list[str]) -> dict[str, bytes]:
                     out[m] = z.read(hit)
         return out
     if name.endswith(".deb"):
-        data = dict(_ar_members(archive.read_bytes()))
+        data = dict(ar_members(archive.read_bytes()))
         inner = next((k for k in data if k.startswith("data.tar")), None)
         if inner is None:
             raise ValueError(f"{archive}: no data.tar member")
@@ -397,7 +403,7 @@ def to_input(img, box) -> np.ndarray:
     return np.asarray(crop, np.float32) / 127.5 - 1.0
 
 
-def _place(cx: float, cy: float, side: float, width: int, height: int) -> tuple[float, float, float, float]:
+def place_square(cx: float, cy: float, side: float, width: int, height: int) -> tuple[float, float, float, float]:
     """A square of `side` centred at (cx, cy), shifted to lie inside the photo where it fits."""
     x0 = min(max(cx - side / 2, 0.0), max(width - side, 0.0)) if side <= width else (width - side) / 2
     y0 = min(max(cy - side / 2, 0.0), max(height - side, 0.0)) if side <= height else (height - side) / 2
@@ -417,13 +423,13 @@ def face_crops(face, width: int, height: int, rng: np.random.Generator, scales=F
             continue
         slack = (side - side_f) / 2
         jx, jy = rng.uniform(-0.5, 0.5, 2) * slack
-        box = _place(cx + jx, cy + jy, side, width, height)
+        box = place_square(cx + jx, cy + jy, side, width, height)
         if box[0] <= x0 + 1 and box[1] <= y0 + 1 and box[2] >= x1 - 1 and box[3] >= y1 - 1:
             out.append((box, f"face scale {s}"))
     return out
 
 
-def _grown(box, factor: float = 0.5):
+def grown(box, factor: float = 0.5):
     x0, y0, x1, y1 = box
     gx, gy = (x1 - x0) * factor, (y1 - y0) * factor
     return (x0 - gx, y0 - gy, x1 + gx, y1 + gy)
@@ -439,21 +445,21 @@ def noface_crops(photo: Photo, width: int, height: int, rng: np.random.Generator
         for frac in NOFACE_SIDES:
             side = frac * short
             if frac == 1.0:
-                box = _place(width / 2, height / 2, side, width, height)
+                box = place_square(width / 2, height / 2, side, width, height)
             else:
-                box = _place(rng.uniform(side / 2, width - side / 2), rng.uniform(side / 2, height - side / 2), side,
-                             width, height)
+                cx, cy = rng.uniform(side / 2, width - side / 2), rng.uniform(side / 2, height - side / 2)
+                box = place_square(cx, cy, side, width, height)
             out.append((box, f"no face, side {frac} of the photo"))
         return out
     if not photo.negatives:
         return []
-    blocked = np.array([_grown(b) for b in tuple(photo.faces) + tuple(photo.avoid)], np.float64)
+    blocked = np.array([grown(b) for b in tuple(photo.faces) + tuple(photo.avoid)], np.float64)
     out = []
     for _ in range(400):
         if len(out) >= HARD_NEGATIVES:
             break
         side = rng.uniform(0.2, 0.5) * short
-        box = _place(rng.uniform(0, width), rng.uniform(0, height), side, width, height)
+        box = place_square(rng.uniform(0, width), rng.uniform(0, height), side, width, height)
         inter_w = np.minimum(box[2], blocked[:, 2]) - np.maximum(box[0], blocked[:, 0])
         inter_h = np.minimum(box[3], blocked[:, 3]) - np.maximum(box[1], blocked[:, 1])
         if np.all((inter_w <= 0) | (inter_h <= 0)):
@@ -564,7 +570,8 @@ CONFIGS = [  # (label, passes, options), run with ocomp.api.compress as benchmar
     ("prune 0.3 + ternary + bnrecal", "prune,ternary,bnrecal,foldbn", {"prune": {"ratio": 0.3}}),
     # the layers that cost most when ternarized alone (see the `layers` command) kept in float
     ("ternary (7 costliest 1x1 convs float) + bnrecal", "ternary,bnrecal,foldbn",
-     {"ternary": {"skip": [f"StatefulPartitionedCall/functional_1/conv2d_{n}/BiasAdd" for n in (4, 5, 8, 9, 11, 14, 16)]}}),
+     {"ternary": {"skip": [f"StatefulPartitionedCall/functional_1/conv2d_{n}/BiasAdd"
+                           for n in (4, 5, 8, 9, 11, 14, 16)]}}),
 ]
 
 
@@ -608,15 +615,16 @@ def measure(data: dict, model: Path, workdir: Path, configs=CONFIGS, thresholds=
     calib = calibration_file(data, workdir / "faces_calib.npz")
     ref = run_model(model, x)
     result = {"eval_inputs": int(ev.sum()), "calib_inputs": int((~ev).sum()), "rows": []}
-    rows = [("original fp32", None, None, ref)]
-    for label, passes, options in configs:
-        path = workdir / (label.replace(" ", "_").replace("+", "p").replace(".", "") + ".onnx")
+    rows = [("original fp32", None, None, ref, Path(model).stat().st_size)]
+    for i, (label, passes, options) in enumerate(configs):
+        path = workdir / f"config{i}.onnx"
         t0 = time.perf_counter()
         compress_config(model, path, passes, options, calib)
         log(f"{label}: compressed in {time.perf_counter() - t0:.0f} s")
-        rows.append((label, passes, options, run_model(path, x)))
-    for label, passes, options, outs in rows:
-        row = {"config": label, "passes": passes, "options": options}
+        rows.append((label, passes, options, run_model(path, x), path.stat().st_size))
+    for label, passes, options, outs, size in rows:
+        row = {"config": label, "passes": passes, "options": options, "file_bytes": size,
+               "size_x": rows[0][4] / size}
         for t in thresholds:
             row[f"t{t}"] = face_quality(outs, ref, labels, t)
         result["rows"].append(row)
@@ -628,14 +636,19 @@ def results_table(result: dict, thresholds=(THRESHOLD, 0.5)) -> str:
     for t in thresholds:
         lines += [f"\nthreshold {t} (sigmoid of the best anchor's score), {result['eval_inputs']} evaluation inputs, "
                   f"calibration {result['calib_inputs']} inputs from other photos:",
-                  "| config | face/no-face accuracy | faces found | false positives | decision agreement | "
-                  "detection agreement (IoU>=0.5) | mean IoU |", "|---|---|---|---|---|---|---|"]
+                  "| config | file KB (size x) | face/no-face accuracy | faces found | false positives | decision "
+                  "agreement | on clear images | detection agreement (IoU>=0.5) | mean IoU |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in result["rows"]:
             q = row[f"t{t}"]
-            lines.append(f"| {row['config']} | {100 * q['face_accuracy']:.1f}% | {100 * q['face_recall']:.1f}% | "
+            lines.append(f"| {row['config']} | {row['file_bytes'] / 1024:.1f} ({row['size_x']:.2f}x) | "
+                         f"{100 * q['face_accuracy']:.1f}% | {100 * q['face_recall']:.1f}% | "
                          f"{100 * q['face_false_positive_rate']:.1f}% | {100 * q['decision_agreement']:.1f}% | "
+                         f"{100 * q['decision_agreement_clear']:.1f}% ({q['clear_images']} images) | "
                          f"{100 * q['detection_agreement']:.1f}% ({q['detected_by_original']} images) | "
                          f"{q['mean_iou']:.3f} |")
+        lines.append("\n`on clear images`: decision agreement on the images whose original best score is at least one "
+                     "logit away from the threshold.")
     return "\n".join(lines)
 
 
@@ -702,7 +715,8 @@ def main(argv=None) -> int:
         else:
             result = layer_sensitivity(data, Path(args.model), workdir, log=log)
             text = (f"Each layer the default ternary pass changes, ternarized alone and repaired by bnrecal "
-                    f"(threshold {THRESHOLD}):\n\n| layer | decision agreement | detection agreement |\n|---|---|---|\n" +
+                    f"(threshold {THRESHOLD}):\n\n| layer | decision agreement | detection agreement |\n"
+                    "|---|---|---|\n" +
                     "\n".join(f"| {r['layer']} | {100 * r['decision_agreement']:.1f}% | "
                               f"{100 * r['detection_agreement']:.1f}% |"
                               for r in sorted(result, key=lambda r: r["decision_agreement"])))

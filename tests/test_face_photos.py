@@ -83,7 +83,7 @@ def test_box_iou():
 
 def test_accuracy_and_agreement():
     box = np.array([[0.2, 0.2, 0.6, 0.6]] * 5)
-    ref = fp.Detections(np.array([0.9, 0.9, 0.9, 0.1, 0.1]), box.copy(), 0.75)
+    ref = fp.Detections(np.array([0.9, 0.9, 0.8, 0.1, 0.1]), box.copy(), 0.75)  # image 2: near the threshold
     shifted = box.copy()
     shifted[1] += 0.3  # image 1: still a face, but elsewhere (IoU < 0.5)
     det = fp.Detections(np.array([0.8, 0.95, 0.5, 0.1, 0.8]), shifted, 0.75)
@@ -96,6 +96,8 @@ def test_accuracy_and_agreement():
     assert ag["decision_agreement"] == pytest.approx(3 / 5)  # images 2 (lost) and 4 (new) differ
     assert ag["detected_by_original"] == 3
     assert ag["detection_agreement"] == pytest.approx(1 / 3)  # only image 0: image 1 is elsewhere, 2 is lost
+    assert ag["clear_images"] == 4  # logit(0.8) is 0.29 from logit(0.75); the others more than 1 away
+    assert ag["decision_agreement_clear"] == pytest.approx(3 / 4)  # image 4 differs
     q = fp.face_quality(raw_outputs(2, {0: (5, 4.0, (0, 0, 30, 30))}), raw_outputs(2, {0: (5, 4.0, (0, 0, 30, 30))}),
                         np.array([1, 0]))
     assert q["face_accuracy"] == 1.0 and q["decision_agreement"] == 1.0 and q["detection_agreement"] == 1.0
@@ -224,7 +226,7 @@ def test_crops_hold_the_face_and_no_face_crops_avoid_faces():
     negatives = fp.noface_crops(photo, 800, 600, rng)
     assert len(negatives) == fp.HARD_NEGATIVES
     for (x0, y0, x1, y1), _ in negatives:
-        for bx0, by0, bx1, by1 in (fp._grown(face), fp._grown((700, 0, 800, 100))):
+        for bx0, by0, bx1, by1 in (fp.grown(face), fp.grown((700, 0, 800, 100))):
             assert x1 <= bx0 or x0 >= bx1 or y1 <= by0 or y0 >= by1
     assert fp.noface_crops(fp.Photo("s", "p.png", faces=(face,)), 800, 600, rng) == []  # not every face annotated
 
