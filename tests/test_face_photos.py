@@ -264,3 +264,38 @@ def test_original_detector_on_real_photos(shared_dir):
     hit = det.face & (data["labels"][pick] == 1)
     iou = fp.box_iou(det.box[hit], data["boxes"][pick][hit])
     assert np.median(iou) >= 0.5, np.median(iou)
+
+
+# ---------------------------------------------------------------- the hook in benchmarks/real_models.py
+
+
+def test_real_models_uses_the_photo_set(fake_cache, monkeypatch):
+    import real_models
+
+    cache, sources, photos = fake_cache
+    fp.build(cache, cache / "faces.npz", photos=photos, fetch_missing=False, log=lambda m: None, sources=sources)
+    monkeypatch.setenv("OCOMP_PHOTOS", str(cache))
+    data, why = real_models.face_photo_data(None)
+    assert why == "" and data["input"] == "input:0" and data["batch"] == 1 and data["labels"] is None
+    full = fp.load(cache / "faces.npz")
+    assert len(data["eval"]) == int((full["split"] == "eval").sum())
+    assert len(data["calib"]) == int((full["split"] == "calib").sum())
+    assert "real photographs" in data["note"]
+    few, _ = real_models.face_photo_data(5)  # a limit keeps inputs spread over the photos, faces included
+    assert len(few["eval"]) == 5 and 0 < few["face_labels"].sum() < 5
+    # quality(): decision agreement is the row's agreement; detection agreement and accuracy are added
+    ref = raw_outputs(3, {0: (7, 4.0, (0, 0, 40, 40)), 1: (9, 4.0, (0, 0, 40, 40))})
+    out = raw_outputs(3, {0: (7, 4.0, (0, 0, 40, 40))})
+    q = real_models.quality("blazeface", out, ref, {"labels": None, "face_labels": np.array([1, 1, 0])})
+    assert q["agreement"] == pytest.approx(2 / 3) and q["decision_agreement"] == q["agreement"]
+    assert q["detection_agreement"] == pytest.approx(1 / 2) and q["face_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_real_models_falls_back_when_photos_cannot_be_had(tmp_path, monkeypatch):
+    import real_models
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("OCOMP_PHOTOS", str(blocker))  # the cache cannot be made: nothing fetched
+    data, why = real_models.face_photo_data(None)
+    assert data is None and "Real photos unavailable" in why and "face_photos.py build" in why
