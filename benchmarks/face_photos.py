@@ -563,16 +563,23 @@ def provenance_table(data: dict) -> str:
 # ---------------------------------------------------------------- measuring models on the set
 
 
+def float_set_config(numbers) -> tuple[str, str, dict]:
+    """ternary + bnrecal with the BlazeFace convs conv2d_N (N in numbers) kept float."""
+    names = [f"StatefulPartitionedCall/functional_1/conv2d_{n}/BiasAdd" for n in numbers]
+    return (f"ternary (conv2d_{{{','.join(map(str, numbers))}}} float) + bnrecal", "ternary,bnrecal,foldbn",
+            {"ternary": {"skip": names}})
+
+
 CONFIGS = [  # (label, passes, options), run with ocomp.api.compress as benchmarks/real_models.py does
     ("ternary", "ternary", {}),
     ("ternary + bnrecal", "ternary,bnrecal,foldbn", {}),
     ("prune 0.3 + bnrecal", "prune,bnrecal,foldbn", {"prune": {"ratio": 0.3}}),
     ("prune 0.3 + ternary + bnrecal", "prune,ternary,bnrecal,foldbn", {"prune": {"ratio": 0.3}}),
-    # the layers that cost most when ternarized alone (see the `layers` command) kept in float
-    ("ternary (7 costliest 1x1 convs float) + bnrecal", "ternary,bnrecal,foldbn",
-     {"ternary": {"skip": [f"StatefulPartitionedCall/functional_1/conv2d_{n}/BiasAdd"
-                           for n in (4, 5, 8, 9, 11, 14, 16)]}}),
 ]
+
+
+# the 7 layers that cost most when ternarized alone (the `layers` command) kept float
+CONFIGS.append(float_set_config((4, 5, 8, 9, 11, 14, 16)))
 
 
 def run_model(path, x: np.ndarray, threads: int = 1) -> list[np.ndarray]:
@@ -691,6 +698,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=str(DEFAULT_SHARED / MODEL_FILE))
     parser.add_argument("--workdir", default=None, help="folder for compressed models (default: temporary)")
     parser.add_argument("--json", default=None, help="write the measured figures to this JSON file")
+    parser.add_argument("--float-set", action="append", default=[], metavar="N,N,...",
+                        help="measure: also run ternary + bnrecal with these 1x1 convs (conv2d_N) kept float "
+                             "(repeatable)")
     parser.add_argument("--markdown", default=None, help="measure/layers: also write the provenance and the "
                         "figures as Markdown to this file")
     parser.add_argument("--no-fetch", action="store_true", help="use only packages already in the cache")
@@ -710,7 +720,8 @@ def main(argv=None) -> int:
         log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
         t0 = time.perf_counter()
         if args.command == "measure":
-            result = measure(data, Path(args.model), workdir, log=log)
+            configs = CONFIGS + [float_set_config(sorted(int(n) for n in spec.split(","))) for spec in args.float_set]
+            result = measure(data, Path(args.model), workdir, configs=configs, log=log)
             text = results_table(result)
         else:
             result = layer_sensitivity(data, Path(args.model), workdir, log=log)
