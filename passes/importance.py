@@ -86,8 +86,8 @@ def _energy(consumer, group: ChannelGroup, analysis: ChannelAnalysis, mean_squar
 
 
 def activation_scores(graph: gs.Graph, analysis: ChannelAnalysis, group_ids, calibration: Any,
-                      session_factory: Callable | None = None, opsets=(), criterion: str = "activation"
-                      ) -> dict[str, np.ndarray]:
+                      session_factory: Callable | None = None, opsets=(), criterion: str = "activation",
+                      progress: bool = False) -> dict[str, np.ndarray]:
     """Per channel of the given groups, on the calibration data, in one forward sweep: mean |activation| of
     every producer output ("activation"), or mean squared activation at every layer input that sums the
     group's channels away ("energy")."""
@@ -105,10 +105,20 @@ def activation_scores(graph: gs.Graph, analysis: ChannelAnalysis, group_ids, cal
     graph.toposort()
     with Sweep(graph, Calibration.read(calibration), session_factory, opsets=opsets) as sweep:
         # the graph is not rewritten while measuring: one run streams every tensor's statistics
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sweep.calibration.samples, desc=f"prune criterion '{criterion}'", unit="image",
+                       leave=False)
         for values in sweep.stream(list(wanted)):
+            if bar is not None and values:
+                bar.update(len(next(iter(values.values()))))
             for name, value in values.items():
                 part = ChannelStats.of([value], wanted[name], absolute=criterion == "activation")
                 stats[name] = part if name not in stats else stats[name].merge(part)
+        if bar is not None:
+            bar.close()
     return {name: (s.squares if criterion == "energy" else s.total) / s.count for name, s in stats.items()}
 
 

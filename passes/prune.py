@@ -147,7 +147,8 @@ class Prune(Pass):
             analysis = analyze(graph)
             ratios = self.group_ratios(analysis, ctx, report)
             result = prune_graph(graph, ratios, settings, calibration=ctx.calibration, session_factory=ctx.session,
-                                 opsets=opsets, analysis=None if settings.criterion in DATA_CRITERIA else analysis)
+                                 opsets=opsets, analysis=None if settings.criterion in DATA_CRITERIA else analysis,
+                                 progress=ctx.progress)
         ctx.kept_channels.record(result.indices)
         fill_report(report, result, settings.criterion, notes)
         return report
@@ -197,7 +198,7 @@ def _groups_named(analysis: ChannelAnalysis, name: str, ctx: Context, option: st
 
 def prune_graph(graph: gs.Graph, ratios: Mapping[str, float], settings: PruneSettings = PruneSettings(), *,
                 calibration: Any = None, session_factory: Callable | None = None, opsets=(),
-                analysis: ChannelAnalysis | None = None) -> PruneResult:
+                analysis: ChannelAnalysis | None = None, progress: bool = False) -> PruneResult:
     """Prune the groups named in `ratios` (group id -> fraction of channels removed) in place.
 
     The kept count of a group is C - round(ratio * C) (at least C - dead channels with
@@ -217,7 +218,7 @@ def prune_graph(graph: gs.Graph, ratios: Mapping[str, float], settings: PruneSet
             raise UsageError(f"prune: criterion '{settings.criterion}' needs calibration data")
         analysis = analyze(graph)
         activations = activation_scores(graph, analysis, list(ratios), calibration, session_factory, opsets,
-                                        settings.criterion)
+                                        settings.criterion, progress=progress)
     elif analysis is None:
         analysis = analyze(graph)
     for gid, ratio in ratios.items():
