@@ -458,11 +458,23 @@ void W2A8Conv::run_depthwise(OrtKernelContext* context, const float* x, int64_t 
   const int32_t z = q.zero_point;
   const uint8_t zb = static_cast<uint8_t>(z);
   const QuantizeRowFn quantize_row = isa_->quantize_row;
+  // The whole input quantized at once (long runs: small planes would otherwise spend their time in the
+  // per-row remainder blocks), then copied into the zero-point padded planes.
+  const int64_t total = N * C * H * W;
+  thread_local std::vector<uint8_t> quantized;
+  quantized.resize(static_cast<size_t>(total));
+  uint8_t* qx = quantized.data();
+  constexpr int64_t kQuantChunk = 16384;
+  auto quantize = [&](size_t item) {
+    const int64_t i0 = int64_t(item) * kQuantChunk;
+    quantize_row(x + i0, std::min(kQuantChunk, total - i0), inv, z, qx + i0);
+  };
+  parallel_for(context, static_cast<size_t>((total + kQuantChunk - 1) / kQuantChunk), quantize);
   auto fill = [&](size_t item) {
     uint8_t* dst = buf + int64_t(item) * plane;
-    const float* src = x + int64_t(item) * H * W;
+    const uint8_t* src = qx + int64_t(item) * H * W;
     std::memset(dst, zb, static_cast<size_t>(plane));
-    for (int64_t h = 0; h < H; ++h) quantize_row(src + h * W, W, inv, z, dst + (h + s.pt) * Wp + s.pl);
+    for (int64_t h = 0; h < H; ++h) std::memcpy(dst + (h + s.pt) * Wp + s.pl, src + h * W, static_cast<size_t>(W));
   };
   parallel_for(context, static_cast<size_t>(N * C), fill);
   const DepthwiseRowFn row_fn = isa_->depthwise_row;
