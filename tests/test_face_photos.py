@@ -96,6 +96,7 @@ def test_accuracy_and_agreement():
     assert ag["decision_agreement"] == pytest.approx(3 / 5)  # images 2 (lost) and 4 (new) differ
     assert ag["detected_by_original"] == 3
     assert ag["detection_agreement"] == pytest.approx(1 / 3)  # only image 0: image 1 is elsewhere, 2 is lost
+    assert ag["box_agreement"] == pytest.approx(2 / 3)  # image 2's box is right, only its score is below
     assert ag["clear_images"] == 4  # logit(0.8) is 0.29 from logit(0.75); the others more than 1 away
     assert ag["decision_agreement_clear"] == pytest.approx(3 / 4)  # image 4 differs
     q = fp.face_quality(raw_outputs(2, {0: (5, 4.0, (0, 0, 30, 30))}), raw_outputs(2, {0: (5, 4.0, (0, 0, 30, 30))}),
