@@ -736,10 +736,12 @@ def main(argv=None) -> int:
         print(text)
     if args.markdown:
         command = "python benchmarks/face_photos.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        about = (f"{__doc__.split(chr(10) * 2, 1)[1]}\n" if args.command == "measure" else
+                 "The photo set, the metrics and the photos' provenance: FACES.md.\n\n")
+        photos = f"\n\n## The photos\n\n{provenance_table(data)}" if args.command == "measure" else ""
         Path(args.markdown).write_text(
             f"# BlazeFace on real photographs\n\nCommand: `{command.strip()}` ({time.perf_counter() - t0:.0f} s, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n{__doc__.split(chr(10) * 2, 1)[1]}\n"
-            f"{text}\n\n## The photos\n\n{provenance_table(data)}\n")
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n{about}{text}{photos}\n")
     if args.json:
         from ocomp.report import json_safe
 
