@@ -496,6 +496,7 @@ def search(model: onnx.ModelProto, passes: Sequence[str], options: Mapping[str, 
 
     n = len(order)
     reached, message = True, ""
+    notes: dict[str, str] = {}
     if budget.max_drop is not None:
         limit = budget.max_drop + 1e-9
         chosen = run("all ternary", forms_for(0))
@@ -510,6 +511,7 @@ def search(model: onnx.ModelProto, passes: Sequence[str], options: Mapping[str, 
                     else:
                         lo = mid
                 chosen = min((c for c in tried if c.drop <= limit), key=lambda c: (c.size, c.drop))
+                chosen = _refine(chosen, eligible, limit, run, notes)
             else:
                 chosen = _float_fallback(base, plans, forms_for(n), fit, sample, limit, run, threads, say)
                 if chosen.drop > limit:
@@ -539,8 +541,28 @@ def search(model: onnx.ModelProto, passes: Sequence[str], options: Mapping[str, 
             # bisection assumes more int8 is more accurate; of what was built and fits, the most accurate
             chosen = min((c for c in tried if c.size <= target), key=lambda c: (c.drop, c.size))
     report = _report(plans, chosen, tried, budget, rank, order, time.perf_counter() - start, len(fit), reached,
-                     message)
+                     message, notes)
     return MixedResult(chosen.model, [report] + chosen.reports, chosen, tried, reached, message)
+
+
+REFINE_TRIALS = 4  # int8 layers tried back as ternary, one at a time, after the bisection
+
+
+def _refine(chosen: Candidate, eligible: Sequence[LayerPlan], limit: float, run, notes: dict[str, str]) -> Candidate:
+    """The bisection moves a prefix of the order off ternary; of the int8 layers it moved, the ones that
+    would save the most bytes as ternary are tried back one at a time (at most REFINE_TRIALS), each move
+    kept when the drop stays within the budget."""
+    movable = sorted((p for p in eligible if chosen.forms.get(p.name) == "int8"),
+                     key=lambda p: (-(p.nbytes("int8") - p.nbytes("ternary")), p.name))
+    for plan in movable[:REFINE_TRIALS]:
+        forms = dict(chosen.forms, **{plan.name: "ternary"})
+        candidate = run(f"{chosen.label}, {plan.name} back to ternary", forms)
+        kept = candidate.drop <= limit and candidate.size < chosen.size
+        notes[plan.name] = (f"tried back as ternary: {candidate.size / 1000:.1f} KB, drop {candidate.drop:.2f} pt, "
+                            + ("kept" if kept else "over the budget, left int8"))
+        if kept:
+            chosen = candidate
+    return chosen
 
 
 def _float_fallback(base, plans, forms, fit, sample, limit, run, threads, say) -> Candidate:
@@ -571,12 +593,11 @@ def _float_fallback(base, plans, forms, fit, sample, limit, run, threads, say) -
 
 
 def _report(plans, chosen: Candidate, tried, budget: Budget, rank, order, seconds: float, fitted: int, reached: bool,
-            message: str):
+            message: str, notes: dict[str, str]):
     from .pipeline import Report
 
     report = Report("mixed")
     n = len(order)
-    moved = sum(1 for p in order if chosen.forms.get(p.name) != "ternary")
     for p in plans:
         form = chosen.forms.get(p.name, "float")
         p.choice = form
@@ -584,9 +605,10 @@ def _report(plans, chosen: Candidate, tried, budget: Budget, rank, order, second
             why = (f"{p.ternary_reason}; " + ("int8 (the smallest form it has)" if form == "int8"
                                                else "onnxruntime's quantizer does not make it int8"))
         else:
-            place = "among" if rank[p.name] < moved else "after"
             why = (f"ternary sensitivity {p.sensitivity:.3g} (output noise/signal), rank {rank[p.name] + 1} of {n} "
-                   f"by sensitivity per byte, {place} the {moved} the plan keeps off ternary")
+                   "by sensitivity per byte")
+            if p.name in notes:
+                why += f"; {notes[p.name]}"
             if p.int8_sensitivity is not None:
                 why += f"; int8 sensitivity {p.int8_sensitivity:.3g}"
         p.why = why
