@@ -225,3 +225,19 @@ def test_prune_before_the_mix_is_repaired_before_int8(plain, tmp_path: Path) -> 
     assert out.stat().st_size <= path.stat().st_size / 3
     assert _forms(onnx.load(str(out))) == _plan(result)
     assert result.after.params < result.before.params
+
+
+def test_layers_go_back_to_float_when_int8_everywhere_is_not_enough(plain, tmp_path: Path) -> None:
+    """The zoo's plain CNN has random weights and near-tied classes: int8 everywhere flips some of its
+    predictions, so --max-drop 0 must bring layers back to float (most int8-sensitive first)."""
+    path, _, labelled = plain
+    out = tmp_path / "float.onnx"
+    result = api.compress(path, out, "ternary,bnrecal", calib=labelled, max_drop=0)
+    plan = _plan(result)
+    report = next(r for r in result.reports if r.pass_name == "mixed")
+    assert any(t["label"].startswith("all ") and t["label"].endswith(" int8") and t["drop"] > 0
+               for t in report.details["tried"]), report.details["tried"]
+    assert "float" in plan.values()
+    assert any(row["int8_sensitivity"] is not None for row in report.details["plan"])
+    assert _drop(path, out, labelled) <= 1e-9
+    assert _forms(onnx.load(str(out))) == plan
