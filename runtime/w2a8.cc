@@ -497,7 +497,11 @@ void W2A8Conv::run_depthwise(OrtKernelContext* context, const float* x, int64_t 
         const int64_t r1 = std::min(OH, r0 + rows_per_chunk);
         const int64_t cnt = (r1 - r0 - 1) * Wp + OW;
         row_fn(src + r0 * Wp * s.sw, Wp, wk, int(s.kH), int(s.kW), int(s.dh), int(s.dw), int(s.sw), cnt, acc.data());
-        for (int64_t oy = r0; oy < r1; ++oy) scale_row(acc.data() + (oy - r0) * Wp, OW, zc, m, bi, lo, hi, out + oy * OW);
+        // Rows of OW sums packed together (in place: OW <= Wp), then one epilogue call for the chunk.
+        int32_t* a = acc.data();
+        if (OW != Wp)
+          for (int64_t i = 1; i < r1 - r0; ++i) std::memmove(a + i * OW, a + i * Wp, sizeof(int32_t) * size_t(OW));
+        scale_row(a, (r1 - r0) * OW, zc, m, bi, lo, hi, out + r0 * OW);
       }
     };
     parallel_for(context, static_cast<size_t>(N * s.K), work);

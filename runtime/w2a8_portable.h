@@ -19,7 +19,11 @@ inline void depthwise_row_i16(const uint8_t* rows, int64_t row_stride, const int
   alignas(64) int16_t a16[kChunk];
   for (int64_t o0 = 0; o0 < OW; o0 += kChunk) {
     const int64_t n = OW - o0 < kChunk ? OW - o0 : kChunk;
-    for (int64_t ox = 0; ox < n; ++ox) a16[ox] = 0;
+    // Sums over a whole number of 32-lane blocks (no scalar remainder loops): the extra positions read at
+    // most 31 * sw <= 62 bytes past the last needed one, inside the 64 bytes of slack every caller's plane
+    // has, and are dropped.
+    const int64_t nv = sw <= 2 ? (n + 31) / 32 * 32 : n;
+    for (int64_t ox = 0; ox < nv; ++ox) a16[ox] = 0;
     for (int ky = 0; ky < kH; ++ky)
       for (int kx = 0; kx < kW; ++kx) {
         const int wt = w[ky * kW + kx];
@@ -27,16 +31,16 @@ inline void depthwise_row_i16(const uint8_t* rows, int64_t row_stride, const int
         const uint8_t* __restrict r = rows + int64_t(ky) * dh * row_stride + int64_t(kx) * dw + o0 * sw;
         if (sw == 1) {
           if (wt > 0)
-            for (int64_t ox = 0; ox < n; ++ox) a16[ox] = int16_t(a16[ox] + r[ox]);
+            for (int64_t ox = 0; ox < nv; ++ox) a16[ox] = int16_t(a16[ox] + r[ox]);
           else
-            for (int64_t ox = 0; ox < n; ++ox) a16[ox] = int16_t(a16[ox] - r[ox]);
+            for (int64_t ox = 0; ox < nv; ++ox) a16[ox] = int16_t(a16[ox] - r[ox]);
         } else if (sw == 2) {
           if (wt > 0)
-            for (int64_t ox = 0; ox < n; ++ox) a16[ox] = int16_t(a16[ox] + r[2 * ox]);
+            for (int64_t ox = 0; ox < nv; ++ox) a16[ox] = int16_t(a16[ox] + r[2 * ox]);
           else
-            for (int64_t ox = 0; ox < n; ++ox) a16[ox] = int16_t(a16[ox] - r[2 * ox]);
+            for (int64_t ox = 0; ox < nv; ++ox) a16[ox] = int16_t(a16[ox] - r[2 * ox]);
         } else {
-          for (int64_t ox = 0; ox < n; ++ox) a16[ox] = int16_t(a16[ox] + wt * r[ox * sw]);
+          for (int64_t ox = 0; ox < nv; ++ox) a16[ox] = int16_t(a16[ox] + wt * r[ox * sw]);
         }
       }
     for (int64_t ox = 0; ox < n; ++ox) acc[o0 + ox] = a16[ox];
