@@ -142,11 +142,14 @@ struct PanelEpilogue {
 uint8_t* byte_scratch(size_t bytes) { return reinterpret_cast<uint8_t*>(thread_scratch(bytes / 4 + 16)); }
 
 // dst[w * dst_stride + c] = src[c * src_stride + w] for 16 channels c and w < n (a byte transpose; SSE2
-// 16x16 blocks where available, the baseline of every x86-64 build).
+// 16x16 blocks where available, the baseline of every x86-64 build). Each source row must be readable 16
+// bytes past w = n - 1 rounded down to 16 (a short tail is transposed as a whole block, of which only the
+// first n % 16 rows are stored).
 void transpose16(const uint8_t* src, int64_t src_stride, int64_t n, uint8_t* dst, int64_t dst_stride) {
   int64_t w = 0;
 #if defined(__SSE2__)
-  for (; w + 16 <= n; w += 16) {
+  for (; w < n; w += 16) {
+    const int64_t rows = n - w < 16 ? n - w : 16;
     __m128i r[16], b[16], c[16];
     for (int i = 0; i < 16; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * src_stride + w));
     for (int k = 0; k < 8; ++k) {
@@ -159,14 +162,16 @@ void transpose16(const uint8_t* src, int64_t src_stride, int64_t n, uint8_t* dst
       c[k + 8] = _mm_unpacklo_epi16(b[2 * k + 8], b[2 * k + 9]);
       c[k + 12] = _mm_unpackhi_epi16(b[2 * k + 8], b[2 * k + 9]);
     }
+    __m128i out[16];
     for (int g = 0; g < 16; g += 4) {
       const __m128i d0 = _mm_unpacklo_epi32(c[g], c[g + 1]), d1 = _mm_unpackhi_epi32(c[g], c[g + 1]);
       const __m128i d2 = _mm_unpacklo_epi32(c[g + 2], c[g + 3]), d3 = _mm_unpackhi_epi32(c[g + 2], c[g + 3]);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (w + g) * dst_stride), _mm_unpacklo_epi64(d0, d2));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (w + g + 1) * dst_stride), _mm_unpackhi_epi64(d0, d2));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (w + g + 2) * dst_stride), _mm_unpacklo_epi64(d1, d3));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (w + g + 3) * dst_stride), _mm_unpackhi_epi64(d1, d3));
+      out[g] = _mm_unpacklo_epi64(d0, d2);
+      out[g + 1] = _mm_unpackhi_epi64(d0, d2);
+      out[g + 2] = _mm_unpacklo_epi64(d1, d3);
+      out[g + 3] = _mm_unpackhi_epi64(d1, d3);
     }
+    for (int64_t i = 0; i < rows; ++i) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (w + i) * dst_stride), out[i]);
   }
 #endif
   for (; w < n; ++w)
@@ -347,7 +352,7 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
   // 0. The whole input quantized at once, in NCHW order (long contiguous runs: no per-row remainders).
   const int64_t total = N * C * H * W;
   thread_local std::vector<uint8_t> quantized;
-  quantized.resize(static_cast<size_t>(total));
+  quantized.resize(static_cast<size_t>(total + 16));  // transpose16 reads up to 15 bytes past a row
   uint8_t* qx = quantized.data();
   constexpr int64_t kQuantChunk = 16384;
   auto quantize = [&](size_t item) {
