@@ -298,7 +298,9 @@ def short_names(quantized: onnx.ModelProto, before: onnx.ModelProto) -> onnx.Mod
     kept = {i.name for i in before.graph.initializer} | {v.name for v in before.graph.input}
     kept |= {v.name for v in before.graph.output} | {n.name for n in before.graph.node}
     kept |= {t for n in before.graph.node for t in list(n.input) + list(n.output)}
-    taken = set(kept)
+    graph = quantized.graph
+    taken = kept | {n.name for n in graph.node} | {t for n in graph.node for t in list(n.input) + list(n.output)}
+    taken |= {i.name for i in graph.initializer}
     renamed: dict[str, str] = {}
     counter = 0
 
@@ -313,7 +315,6 @@ def short_names(quantized: onnx.ModelProto, before: onnx.ModelProto) -> onnx.Mod
             taken.add(renamed[name])
         return renamed[name]
 
-    graph = quantized.graph
     for node in graph.node:
         node.name = short(node.name)
         node.input[:] = [short(t) for t in node.input]
@@ -336,7 +337,7 @@ def int8_layers(model: onnx.ModelProto) -> set[str]:
 # ---------------------------------------------------------------- the search
 
 
-@dataclass
+@dataclass(eq=False)  # candidates are compared by identity (their models are large protos)
 class Candidate:
     """One plan built by the real pipeline and measured on the calibration data."""
 
