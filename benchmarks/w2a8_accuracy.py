@@ -64,7 +64,8 @@ def main() -> int:
     from ocomp.data import dataset_from_arrays
     from ocomp.evaluate import evaluate
 
-    work = Path(tempfile.mkdtemp(prefix="ocomp-w2a8-"))
+    folder = tempfile.TemporaryDirectory(prefix="ocomp-w2a8-")  # removed when main returns
+    work = Path(folder.name)
     print("| model | configuration | float activations top-1 | W2A8 top-1 | cost (pt) | w2a8 choices |")
     print("|---|---|---|---|---|---|")
     notes = []
@@ -103,6 +104,7 @@ def main() -> int:
     for note in notes:
         print(f"- {note}")
     print(f"- w2a8 method: {args.method}")
+    folder.cleanup()
     return 0
 
 
