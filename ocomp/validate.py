@@ -12,8 +12,9 @@ from onnx import AttributeProto, numpy_helper
 
 from .errors import OcompError
 from .graph import CUSTOM_DOMAIN
+from .layers import TERNARY_OPS
 
-TERNARY_OPS = ("TernaryConv", "TernaryGemm", "TernaryMatMul")
+W2A8_ATTRS = {"act_quant", "act_scale", "act_zero_point", "activation", "clip_min", "clip_max"}  # all three ops
 MAX_WEIGHT_DIM = 1 << 24  # weight_shape values, as in the runtime
 MAX_ATTR = 1 << 16  # kernel, stride, dilation and pad values, as in the runtime
 _INT32_MAX = 2**31 - 1
@@ -83,10 +84,11 @@ def _check_node(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], sh
     rows = int(np.prod(weight_shape[1:], dtype=np.int64))
     if rows > _INT32_MAX:
         raise _Bad(f"weight_shape {_text(weight_shape)} is too large")
+    _check_w2a8_attrs(attrs)
     if conv:
-        _check_conv_attrs(attrs, weight_shape)
-    elif set(attrs) - {"weight_shape"}:
-        raise _Bad(f"unknown attribute(s) {', '.join(sorted(set(attrs) - {'weight_shape'}))}")
+        _check_conv_attrs({k: v for k, v in attrs.items() if k not in W2A8_ATTRS}, weight_shape)
+    elif set(attrs) - {"weight_shape"} - W2A8_ATTRS:
+        raise _Bad(f"unknown attribute(s) {', '.join(sorted(set(attrs) - {'weight_shape'} - W2A8_ATTRS))}")
     count = outputs * rows
     packed = constants.get(node.input[1])
     if packed is not None:
@@ -127,6 +129,49 @@ def _check_node(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], sh
         elif isinstance(x_shape[-1], int) and x_shape[-1] != weight_shape[1]:
             raise _Bad(f"X has {x_shape[-1]} features in its last dimension, but weight_shape[1] (Kin) is "
                        f"{weight_shape[1]}")
+
+
+def _check_w2a8_attrs(attrs: dict[str, AttributeProto]) -> None:
+    """The int8-activation and fused-activation attributes, as runtime/w2a8.cc reads them."""
+    mode = _string_attr(attrs, "act_quant")
+    scale = _float_attr(attrs, "act_scale")
+    zero_point = _int_attr(attrs, "act_zero_point", 0) if "act_zero_point" in attrs else None
+    if mode == "dynamic":
+        if scale is not None or zero_point is not None:
+            raise _Bad("act_quant=dynamic takes no act_scale / act_zero_point")
+    elif mode == "static" or (mode is None and scale is not None):
+        if scale is None:
+            raise _Bad("act_quant=static needs act_scale")
+        if not (np.isfinite(scale) and scale > 0):
+            raise _Bad(f"act_scale must be a finite number > 0, got {scale}")
+        if zero_point is not None and not 0 <= zero_point <= 255:
+            raise _Bad(f"act_zero_point must be in [0, 255] (uint8), got {zero_point}")
+    elif mode:
+        raise _Bad(f"act_quant must be \"static\" or \"dynamic\", got \"{mode}\"")
+    elif zero_point is not None:
+        raise _Bad("act_zero_point given without act_scale")
+    activation = _string_attr(attrs, "activation")
+    if activation not in (None, "", "Relu", "Clip"):
+        raise _Bad(f"activation must be \"Relu\" or \"Clip\", got \"{activation}\"")
+    low, high = _float_attr(attrs, "clip_min"), _float_attr(attrs, "clip_max")
+    if activation == "Clip" and low is not None and high is not None and not low <= high:
+        raise _Bad("clip_min must be <= clip_max")
+
+
+def _string_attr(attrs: dict[str, AttributeProto], name: str) -> str | None:
+    if name not in attrs:
+        return None
+    if attrs[name].type != AttributeProto.STRING:
+        raise _Bad(f"attribute {name} must be a string, it is {AttributeProto.AttributeType.Name(attrs[name].type)}")
+    return attrs[name].s.decode("utf-8", "replace")
+
+
+def _float_attr(attrs: dict[str, AttributeProto], name: str) -> float | None:
+    if name not in attrs:
+        return None
+    if attrs[name].type != AttributeProto.FLOAT:
+        raise _Bad(f"attribute {name} must be a float, it is {AttributeProto.AttributeType.Name(attrs[name].type)}")
+    return float(attrs[name].f)
 
 
 def _check_conv_attrs(attrs: dict[str, AttributeProto], weight_shape: list[int]) -> None:

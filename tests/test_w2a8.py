@@ -499,3 +499,17 @@ def test_pass_cli_flags(tmp_path):
     bad = CliRunner().invoke(main, ["compress", str(src), "-o", str(tmp_path / "x.onnx"), "--passes",
                                     "ternary,w2a8", "--w2a8-percentile", "10"])
     assert bad.exit_code == 2 and "--w2a8-percentile" in bad.output and "Traceback" not in bad.output
+
+    # the written model is one ocomp's own commands accept (validate.py knows the W2A8 attributes) ...
+    for command in (["inspect", str(out)], ["compare", str(src), str(out), "--random", "4"]):
+        shown = CliRunner().invoke(main, command)
+        assert shown.exit_code == 0, shown.output
+    # ... and refuses with one line when they are malformed, before onnxruntime sees them
+    broken = onnx.load(out)
+    for attr in ternary_nodes(broken)[0].attribute:
+        if attr.name == "act_scale":
+            attr.f = -1.0
+    onnx.save(broken, tmp_path / "broken.onnx")
+    refused = CliRunner().invoke(main, ["inspect", str(tmp_path / "broken.onnx")])
+    assert refused.exit_code != 0 and "act_scale must be a finite number > 0" in refused.output
+    assert "Traceback" not in refused.output
