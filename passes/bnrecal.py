@@ -28,7 +28,7 @@ from ocomp.graph import sorted_nodes
 from ocomp.pipeline import Context, Option, Pass, Report, positive_int, register
 from ocomp.sweep import DEFAULT_BUDGET, Calibration, Sweep
 
-from .bnstats import ChannelStats, Target, correct, set_bn, targets, usable_bns
+from .bnstats import ChannelStats, Target, correct, reference_stats, set_bn, targets, usable_bns
 from .reconstruct import Equations, Fit, fits
 
 
@@ -105,8 +105,7 @@ class BNRecal(Pass):
                 if fit is not None:
                     _reconstruct(graph, fit, current, original, report)
                 if id(node) in steps.bn:
-                    name = node.inputs[0].name
-                    set_bn(graph, node, ChannelStats.of([current.get([name])[name]], 1), report)
+                    _recalibrate_bn(graph, node, current, original, kept, report)
                 target = steps.target.get(id(node))
                 if target is not None:
                     _correct(graph, target, current, original, kept, ctx.options["match_std"], report)
@@ -144,6 +143,17 @@ def _progress(nodes: list[gs.Node], shown: bool, samples: int):
     from tqdm import tqdm
 
     return tqdm(nodes, desc=f"bnrecal ({samples} images)", unit="layer", leave=False)
+
+
+def _recalibrate_bn(graph: gs.Graph, bn: gs.Node, current: Sweep, original: Sweep | None, kept: dict,
+                    report: Report) -> None:
+    name = bn.inputs[0].name
+    measured = ChannelStats.of([current.get([name])[name]], 1)
+    reference = None
+    if original is not None and name in original.producer:
+        reference = reference_stats(ChannelStats.of([original.get([name])[name]], 1), kept.get(name),
+                                    len(measured.total))
+    set_bn(graph, bn, measured, report, reference)
 
 
 def _reconstruct(graph: gs.Graph, fit: Fit, current: Sweep, original: Sweep, report: Report) -> None:

@@ -38,21 +38,69 @@ def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", BN_MODELS)
-def test_bn_statistics_equal_numpy_after_prune(name: str) -> None:
+def test_bn_statistics_move_by_what_pruning_changed(name: str) -> None:
+    """Each BN keeps its own statistics shifted by the change at its input against the original model on the
+    same data: mean + (measured - original mean), var x measured / original var."""
     model = infer_shapes(zoo.build(name))
     data = calibration(model)
-    result = run_passes(model, ["prune", "bnrecal"], {"prune": {"ratio": 0.5}}, calibration=data)
+    state = KeptChannels()
+    result = run_passes(model, ["prune", "bnrecal"], {"prune": {"ratio": 0.5}}, calibration=data,
+                        kept_channels=state)
     out = result.model
     bns = [n for n in out.graph.node if n.op_type == "BatchNormalization"]
     assert bns
     feeds = {"input": zoo.random_input(model, batch=48, seed=1)["input"]}
     values = exposed_values(out, [bn.input[0] for bn in bns], feeds)
+    originals = exposed_values(model, [bn.input[0] for bn in bns], feeds)
+    old = {n.output[0]: n for n in model.graph.node if n.op_type == "BatchNormalization"}
     for bn in bns:
         x = values[bn.input[0]].astype(np.float64)
+        r = originals[bn.input[0]].astype(np.float64)
+        kept = state.get(bn.input[0])
+        if kept is not None:
+            r = r[:, np.asarray(kept)]
         axes = (0,) + tuple(range(2, x.ndim))
-        np.testing.assert_allclose(initializer(out, bn.input[3]), x.mean(axis=axes), rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(initializer(out, bn.input[4]), x.var(axis=axes), rtol=1e-4, atol=1e-4)
+        source = old[bn.output[0]]
+        mean0, var0 = initializer(model, source.input[3]), initializer(model, source.input[4])
+        if kept is not None:
+            mean0, var0 = mean0[np.asarray(kept)], var0[np.asarray(kept)]
+        np.testing.assert_allclose(initializer(out, bn.input[3]), mean0 + x.mean(axis=axes) - r.mean(axis=axes),
+                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(initializer(out, bn.input[4]), var0 * x.var(axis=axes) / r.var(axis=axes),
+                                   rtol=1e-3, atol=1e-4)
     assert len(result.reports[1].layers) >= len(bns)
+
+
+@pytest.mark.parametrize("name", BN_MODELS)
+def test_adaptive_bn_without_a_reference_takes_the_measured_statistics(name: str) -> None:
+    from ocomp.model import to_graph, to_model
+    from ocomp.passes.bnstats import ChannelStats, set_bn
+    from ocomp.pipeline import Report
+
+    model = infer_shapes(zoo.build(name))
+    graph = to_graph(model)
+    bn = next(n for n in graph.nodes if n.op == "BatchNormalization")
+    x = np.random.default_rng(0).normal(1.0, 2.0, (64, len(bn.inputs[3].values), 5, 5)).astype(np.float32)
+    set_bn(graph, bn, ChannelStats.of([x], 1), Report("bnrecal"))
+    out = to_model(graph, model)
+    np.testing.assert_allclose(initializer(out, bn.inputs[3].name), x.astype(np.float64).mean(axis=(0, 2, 3)),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(initializer(out, bn.inputs[4].name), x.astype(np.float64).var(axis=(0, 2, 3)),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_bn_whose_input_did_not_change_keeps_its_statistics() -> None:
+    """Nothing upstream changed: the BN's training statistics stay exactly (not re-estimated on the few
+    calibration samples)."""
+    model = infer_shapes(zoo.build("resnet"))
+    result = run_passes(model, ["bnrecal"], calibration=calibration(model))
+    before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in result.model.graph.node:
+        if node.op_type == "BatchNormalization":
+            for slot in (3, 4):
+                after = initializer(result.model, node.input[slot])
+                original = before[next(n for n in model.graph.node if n.output[0] == node.output[0]).input[slot]]
+                np.testing.assert_allclose(after, original, rtol=1e-5, atol=1e-6)
 
 
 def perturbed(model: onnx.ModelProto, seed: int = 3) -> onnx.ModelProto:
@@ -289,7 +337,7 @@ def test_reconstruct_brings_pruned_layers_closer_to_the_original(name: str, fold
     without = mse_to_reference(runs[False][0].model, reference, names, feeds, runs[False][1].by_tensor)
     # the first re-fitted layer sees the same input in both runs: least squares can only be better there
     first = names[0]
-    assert with_fit[first] < 0.9 * without[first], (first, with_fit[first], without[first])
+    assert with_fit[first] < 0.97 * without[first], (first, with_fit[first], without[first])
     assert sum(with_fit.values()) < sum(without.values())
     # and the network output follows
     logits = result.model.graph.output[0].name

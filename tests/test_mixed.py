@@ -111,14 +111,15 @@ def test_tighter_budget_gives_a_larger_model(tmp_path: Path) -> None:
 
 
 def test_int8_layers_run_as_qlinearconv_with_ocomp_ops_registered(tmp_path: Path) -> None:
-    """5x smaller lies between the example's smallest plan (~12x) and all-int8 (~3x): a mix of both."""
+    """4x smaller lies between the example's smallest plan (~12x) and all-int8 (~3.7x): the most accurate
+    plan that fits is a mix of both (measured: 1 ternary, 5 int8; at 5x all-ternary scored best)."""
     from ocomp.session import make_session
 
     out = tmp_path / "fused.onnx"
-    result = api.compress(EXAMPLE, out, "ternary,bnrecal,foldbn", calib=EXAMPLE_CALIB, target_size="5x")
+    result = api.compress(EXAMPLE, out, "ternary,bnrecal,foldbn", calib=EXAMPLE_CALIB, target_size="4x")
     model = onnx.load(str(out))
     assert {"int8", "ternary"} <= set(_forms(model).values()) and _forms(model) == _plan(result)
-    assert out.stat().st_size <= EXAMPLE.stat().st_size / 5
+    assert out.stat().st_size <= EXAMPLE.stat().st_size / 4
     optimized = tmp_path / "optimized.onnx"
     make_session(model, optimized_model_filepath=str(optimized))
     ops = {n.op_type for n in onnx.load(str(optimized)).graph.node}
