@@ -105,15 +105,17 @@ def model_stats(model: onnx.ModelProto, path: str | os.PathLike | None = None) -
     shapes = _shapes(model)
     inits = constant_tensors(model)
     graph = gs.import_onnx(model)
+    visible = dict(inits)
+    stored = _dequantized_weights(graph, visible)  # int8 QDQ weights: counted as the layers they are
     layers_found = [(node, layer) for node in graph.nodes
-                    for layer in [layer_of(node)] if layer is not None and node.inputs[1].name in inits]
+                    for layer in [layer_of(node)] if layer is not None and node.inputs[1].name in visible]
     unsized = [node.outputs[0].name for node, _ in layers_found if not _known(shapes.get(node.outputs[0].name, []))]
     if unsized:
         shapes.update(_measured_shapes(model, unsized))
     layers: list[LayerStats] = []
     counted: set[str] = set()
     for node, layer in layers_found:
-        weight = inits[node.inputs[1].name]
+        weight = stored.get(node.inputs[1].name, visible[node.inputs[1].name])
         out_shape = shapes.get(node.outputs[0].name, [])
         in_shape = shapes.get(node.inputs[0].name, [])
         nbytes = _tensor_nbytes(weight)
@@ -121,9 +123,12 @@ def model_stats(model: onnx.ModelProto, path: str | os.PathLike | None = None) -
         params = numel(wshape)
         bias_params = 0
         for extra in (t.name for t in node.inputs[2:]):
-            if extra in inits and extra not in counted:
-                bias_params += numel(inits[extra].dims)
+            if extra in visible and extra not in counted:
+                bias_params += numel(visible[extra].dims)
         counted.update(t.name for t in node.inputs[1:])
+        for t in node.inputs[1:]:
+            if t.name in stored:  # the quantized tensor, its scale and zero point belong to the layer
+                counted.update(_quantizer_inputs(model, t.name))
         macs = layer.macs(in_shape, out_shape) if out_shape else 0
         dtype = "ternary" if layer.ternary else onnx.helper.tensor_dtype_to_np_dtype(weight.data_type).name
         layers.append(LayerStats(node.name or node.outputs[0].name, node.op, wshape, out_shape,
@@ -139,6 +144,39 @@ def model_stats(model: onnx.ModelProto, path: str | os.PathLike | None = None) -
     unknown = [la.name for la in layers if not _known(la.output_shape)]
     return ModelStats(dict(sorted(ops.items())), layers, params, sum(la.macs for la in layers), weight_bytes, size,
                       inputs, unknown)
+
+
+def _dequantized_weights(graph: gs.Graph, inits: dict[str, onnx.TensorProto]) -> dict[str, onnx.TensorProto]:
+    """Weights stored quantized (DequantizeLinear of constants, as onnxruntime's QDQ format has them): the
+    DequantizeLinear output becomes a float constant in `graph` (so the layer table sees the layer) and in
+    `inits`; returns {weight name: the stored (int8) tensor} for the size and dtype figures."""
+    stored = {}
+    for node in graph.nodes:
+        if node.op != "DequantizeLinear" or not node.outputs or node.inputs[0].name not in inits:
+            continue
+        values = [numpy_helper.to_array(inits[t.name]) if t.name in inits else None for t in node.inputs[:3]]
+        if values[1] is None or (len(node.inputs) > 2 and node.inputs[2].name and values[2] is None):
+            continue
+        q, scale = values[0].astype(np.float64), values[1].astype(np.float64)
+        zero = values[2].astype(np.float64) if len(values) > 2 and values[2] is not None else np.zeros_like(scale)
+        if scale.ndim == 1 and q.ndim > 1:
+            axis = int(node.attrs.get("axis", 1)) % q.ndim
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        out = node.outputs[0]
+        weight = ((q - zero) * scale).astype(np.float32)
+        inits[out.name] = numpy_helper.from_array(weight, out.name)
+        stored[out.name] = inits[node.inputs[0].name]
+        for reader in list(out.outputs):
+            reader.inputs[reader.inputs.index(out)] = gs.Constant(out.name, weight)
+    return stored
+
+
+def _quantizer_inputs(model: onnx.ModelProto, name: str) -> list[str]:
+    """The constant inputs of the DequantizeLinear that makes `name` (counted with the layer)."""
+    node = next((n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == name), None)
+    return list(node.input) if node is not None else []
 
 
 def constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

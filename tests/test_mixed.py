@@ -242,3 +242,20 @@ def test_layers_go_back_to_float_when_int8_everywhere_is_not_enough(plain, tmp_p
     assert any(row["int8_sensitivity"] is not None for row in report.details["plan"])
     assert _drop(path, out, labelled) <= 1e-9
     assert _forms(onnx.load(str(out))) == plan
+
+
+def test_model_stats_counts_the_int8_layers(tmp_path: Path) -> None:
+    """inspect / the summary see a QDQ layer as the layer it is: its params and MACs, int8 at 8 bits."""
+    from ocomp.metrics import model_stats
+    from ocomp.model import infer_shapes
+
+    out = tmp_path / "all_int8.onnx"
+    api.compress(EXAMPLE, out, "ternary,bnrecal,foldbn", calib=EXAMPLE_CALIB, target_size="3x")
+    model = infer_shapes(onnx.load(str(out)))
+    forms = _forms(model)
+    assert "int8" in forms.values()
+    before, after = model_stats(infer_shapes(onnx.load(str(EXAMPLE)))), model_stats(model)
+    assert after.macs == before.macs  # no layer was pruned: every MAC is still there
+    int8 = [la for la in after.layers if forms.get(la.name) == "int8"]
+    assert int8 and all(la.weight_dtype == "int8" and la.weight_bits == 8.0 and la.macs > 0 for la in int8)
+    assert abs(after.params - before.params) < 0.01 * before.params  # (plus a scale and zero point a tensor)
