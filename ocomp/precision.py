@@ -504,13 +504,8 @@ def search(model: onnx.ModelProto, passes: Sequence[str], options: Mapping[str, 
         if chosen.drop > limit:
             best = run(f"all {n} int8", forms_for(n))
             if best.drop <= limit:
-                lo, hi = 0, n  # lo fails, hi meets the budget
-                while hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    if run(f"{mid} most sensitive int8", forms_for(mid)).drop <= limit:
-                        hi = mid
-                    else:
-                        lo = mid
+                # 0 int8 layers fail, n meet the budget
+                _bisect(0, n, lambda m: run(f"{m} most sensitive int8", forms_for(m)).drop <= limit)
                 chosen = min((c for c in tried if c.drop <= limit), key=lambda c: (c.size, c.drop))
                 chosen = _refine(chosen, eligible, limit, run, notes)
             else:
@@ -532,13 +527,8 @@ def search(model: onnx.ModelProto, passes: Sequence[str], options: Mapping[str, 
             chosen = smallest
             largest = run(f"all {n} int8", forms_for(n))
             if largest.size > target:
-                lo, hi = 0, n  # lo fits, hi does not
-                while hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    if run(f"{mid} most sensitive int8", forms_for(mid)).size <= target:
-                        lo = mid
-                    else:
-                        hi = mid
+                # 0 int8 layers fit, n do not
+                _bisect(0, n, lambda m: run(f"{m} most sensitive int8", forms_for(m)).size > target)
             # bisection assumes more int8 is more accurate; of what was built and fits, the most accurate
             chosen = min((c for c in tried if c.size <= target), key=lambda c: (c.drop, c.size))
     report = _report(plans, chosen, tried, budget, rank, order, time.perf_counter() - start, len(fit), reached,
@@ -547,6 +537,17 @@ def search(model: onnx.ModelProto, passes: Sequence[str], options: Mapping[str, 
 
 
 REFINE_TRIALS = 4  # int8 layers tried back as ternary, one at a time, after the bisection
+
+
+def _bisect(lo: int, hi: int, like_hi: Callable[[int], bool]) -> None:
+    """Bisect a count of int8 layers between `lo` and `hi`, which differ in a property: like_hi(m) builds the
+    candidate with m and says whether it has hi's. The candidates built are what the caller keeps."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if like_hi(mid):
+            hi = mid
+        else:
+            lo = mid
 
 
 def _refine(chosen: Candidate, eligible: Sequence[LayerPlan], limit: float, run, notes: dict[str, str]) -> Candidate:
