@@ -525,7 +525,7 @@ def write_markdown(result: dict, path: Path) -> None:
              "rows: U8S8 (uint8 activations, int8 weights: the pairing onnxruntime's x86 int8 kernels are built around) "
              "and S8S8 (int8 activations: quantize_static's default types), which measured much slower here. Params/MACs of the int8 rows are counted by `ocomp.metrics.model_stats` on the model with its "
              "DequantizeLinear weights folded back to float (it sees no weights behind DequantizeLinear).",
-             "- Prune ratios use the default l1 criterion unless the row says otherwise.",
+             "- Prune rows use the default criterion unless the row says otherwise: `energy` (measured on the calibration data) in every `+ bnrecal` row, which is given the calibration data, `l1` in the rows without it.",
              f"- Latency: median of {result['rounds']} interleaved rounds x {result['reps']} runs at batch 1, one "
              "global onnxruntime thread pool per thread count (a subprocess each), "
              "`use_per_session_threads = False`, OPENBLAS_NUM_THREADS=1. Ratios are to the original in the same "
