@@ -200,6 +200,22 @@ void store_channels(const float* tile, int np, int64_t nk, float* dst, int64_t s
     for (int j = 0; j < np; ++j) dst[c * stride + j] = tile[j * kPanel + c];
 }
 
+// The whole input x (`total` floats) quantized at once in its own order: long contiguous runs, where small
+// rows would spend their time in the per-row remainder blocks. `slack` bytes after it stay readable.
+const uint8_t* quantize_all(OrtKernelContext* context, QuantizeRowFn quantize_row, const float* x, int64_t total,
+                            float inv, int32_t z, int64_t slack) {
+  thread_local std::vector<uint8_t> quantized;
+  quantized.resize(static_cast<size_t>(total + slack));
+  uint8_t* qx = quantized.data();
+  constexpr int64_t kQuantChunk = 16384;
+  auto quantize = [&](size_t item) {
+    const int64_t i0 = int64_t(item) * kQuantChunk;
+    quantize_row(x + i0, std::min(kQuantChunk, total - i0), inv, z, qx + i0);
+  };
+  parallel_for(context, static_cast<size_t>((total + kQuantChunk - 1) / kQuantChunk), quantize);
+  return qx;
+}
+
 }  // namespace
 
 std::vector<IsaEntry> w2a8_paths() { return paths(); }
@@ -349,17 +365,8 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
   const uint8_t zb = static_cast<uint8_t>(z);
   const QuantizeRowFn quantize_row = isa_->quantize_row;
 
-  // 0. The whole input quantized at once, in NCHW order (long contiguous runs: no per-row remainders).
-  const int64_t total = N * C * H * W;
-  thread_local std::vector<uint8_t> quantized;
-  quantized.resize(static_cast<size_t>(total + 16));  // transpose16 reads up to 15 bytes past a row
-  uint8_t* qx = quantized.data();
-  constexpr int64_t kQuantChunk = 16384;
-  auto quantize = [&](size_t item) {
-    const int64_t i0 = int64_t(item) * kQuantChunk;
-    quantize_row(x + i0, std::min(kQuantChunk, total - i0), inv, z, qx + i0);
-  };
-  parallel_for(context, static_cast<size_t>((total + kQuantChunk - 1) / kQuantChunk), quantize);
+  // 0. The whole input quantized at once, in NCHW order (transpose16 reads up to 15 bytes past a row).
+  const uint8_t* qx = quantize_all(context, quantize_row, x, N * C * H * W, inv, z, 16);
 
   // Padded rows some output reads (a strided conv with a kernel shorter than its stride skips rows; the
   // buffer's other rows are never read and stay unwritten).
@@ -463,18 +470,8 @@ void W2A8Conv::run_depthwise(OrtKernelContext* context, const float* x, int64_t 
   const int32_t z = q.zero_point;
   const uint8_t zb = static_cast<uint8_t>(z);
   const QuantizeRowFn quantize_row = isa_->quantize_row;
-  // The whole input quantized at once (long runs: small planes would otherwise spend their time in the
-  // per-row remainder blocks), then copied into the zero-point padded planes.
-  const int64_t total = N * C * H * W;
-  thread_local std::vector<uint8_t> quantized;
-  quantized.resize(static_cast<size_t>(total));
-  uint8_t* qx = quantized.data();
-  constexpr int64_t kQuantChunk = 16384;
-  auto quantize = [&](size_t item) {
-    const int64_t i0 = int64_t(item) * kQuantChunk;
-    quantize_row(x + i0, std::min(kQuantChunk, total - i0), inv, z, qx + i0);
-  };
-  parallel_for(context, static_cast<size_t>((total + kQuantChunk - 1) / kQuantChunk), quantize);
+  // The whole input quantized at once, then copied into the zero-point padded planes.
+  const uint8_t* qx = quantize_all(context, quantize_row, x, N * C * H * W, inv, z, 0);
   auto fill = [&](size_t item) {
     uint8_t* dst = buf + int64_t(item) * plane;
     const uint8_t* src = qx + int64_t(item) * H * W;
