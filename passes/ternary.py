@@ -151,7 +151,13 @@ class Ternary(Pass):
             absorbed.inputs.clear()
         produced = outputs
         if form.depth_to_space:
-            produced = [gs.Variable(unique_name(graph, f"{name}.phases"), dtype=np.float32)]
+            # the 1x1 TernaryConv keeps its input's spatial dims (symbolic ones included): its output shape is
+            # written into the model, as ONNX cannot infer a custom op's, so the DepthToSpace and all after it
+            # keep theirs
+            x_shape = inputs[0].shape
+            phases_shape = ([x_shape[0], int(weight.shape[0]), x_shape[2], x_shape[3]]
+                            if x_shape is not None and len(x_shape) == 4 else None)
+            produced = [gs.Variable(unique_name(graph, f"{name}.phases"), dtype=np.float32, shape=phases_shape)]
             graph.nodes.append(gs.Node("DepthToSpace", name=unique_name(graph, f"{name}.depth_to_space"),
                                        attrs=dict(blocksize=form.depth_to_space, mode="CRD"),
                                        inputs=produced, outputs=outputs))

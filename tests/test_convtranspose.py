@@ -133,3 +133,39 @@ def test_conv_transpose_with_overlapping_taps_stays_float_with_a_reason() -> Non
     reasons = [s.reason for s in result.reports[0].skipped if s.name == "up"]
     assert reasons and "kernel differs from its stride" in reasons[0]
     assert layer_of(to_graph(result.model).nodes[3]).op == "ConvTranspose"
+
+
+def test_detector_with_dynamic_height_width_compressed_without_input_shape(tmp_path) -> None:
+    """A PP-OCR-style decoder whose input has symbolic H and W: `prune,ternary` with no --input-shape keeps
+    the dims symbolic, the compressed model runs at two sizes with the original's output shapes, and strict
+    shape inference gives every ocomp op output (and everything after it) its full shape."""
+    from click.testing import CliRunner
+
+    from ocomp.cli import main
+
+    model = decoder()
+    for value, dims in ((model.graph.input[0], ["N", 3, "H", "W"]), (model.graph.output[0], ["N", 1, "H2", "W2"])):
+        for dim, size in zip(value.type.tensor_type.shape.dim, dims):
+            dim.Clear()
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = size
+    del model.graph.value_info[:]
+    src, out = tmp_path / "dynamic.onnx", tmp_path / "small.onnx"
+    onnx.save(model, src)
+    result = CliRunner().invoke(main, ["compress", str(src), "-o", str(out), "--passes", "prune,ternary",
+                                       "--ternary-min-params", "0", "-q", "--no-latency"])
+    assert result.exit_code == 0, result.output
+    small = onnx.load(out)
+    assert any(n.domain == "ocomp" for n in small.graph.node) and any(n.op_type == "DepthToSpace" for n in small.graph.node)
+    assert [d.dim_param or d.dim_value for d in small.graph.input[0].type.tensor_type.shape.dim] == ["N", 3, "H", "W"]
+    for size in ((8, 8), (12, 20)):
+        x = np.random.default_rng(1).normal(size=(2, 3) + size).astype(np.float32)
+        assert session(small).run(None, {"x": x})[0].shape == session(model).run(None, {"x": x})[0].shape
+    inferred = onnx.shape_inference.infer_shapes(small, check_type=True, strict_mode=True)
+    shapes = {v.name: v.type.tensor_type.shape for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for node in inferred.graph.node:
+        shape = shapes.get(node.output[0])
+        assert shape is not None and len(shape.dim) == 4, (node.op_type, node.output[0])
+        assert all(d.dim_param for d in shape.dim[2:]), (node.op_type, node.output[0])  # symbolic, like the original's
