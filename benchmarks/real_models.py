@@ -58,6 +58,9 @@ BASE_CONFIGS = [
     ("prune 0.3 (multiple 8) + ternary + bnrecal", "ocomp", "prune,ternary,bnrecal,foldbn",
      {"prune": {"ratio": 0.3, "multiple": 8}}),
     ("prune 0.5 + ternary + bnrecal", "ocomp", "prune,ternary,bnrecal,foldbn", {"prune": {"ratio": 0.5}}),
+    # int8 activations for the ternary ops (issue #13): the runtime's W2A8 path against onnxruntime's int8
+    ("ternary + bnrecal + w2a8", "ocomp", "ternary,bnrecal,foldbn,w2a8", {}),
+    ("prune 0.3 + ternary + bnrecal + w2a8", "ocomp", "prune,ternary,bnrecal,foldbn,w2a8", {"prune": {"ratio": 0.3}}),
     # bnrecal without its least-squares reconstruction (statistics only: adaptive BN and bias/std correction)
     ("prune 0.3 + bnrecal (no reconstruct)", "ocomp", "prune,bnrecal,foldbn",
      {"prune": {"ratio": 0.3}, "bnrecal": {"reconstruct": False}}),
@@ -297,7 +300,7 @@ def build_ocomp(src: Path, dst: Path, passes: str, options: dict, calib_path: Pa
     """Compress; per pass: layers changed, nodes/groups left unchanged and the first reason given."""
     from ocomp.api import compress
 
-    result = compress(src, dst, passes, options, calib=calib_path if "bnrecal" in passes else None,
+    result = compress(src, dst, passes, options, calib=calib_path if "bnrecal" in passes or "w2a8" in passes else None,
                       input_shapes=input_shapes)
     return [{"pass": r.pass_name, "changed": len(r.layers), "skipped": len(r.skipped),
              "first_skip_reason": r.skipped[0].reason if r.skipped else None} for r in result.reports]
@@ -461,7 +464,14 @@ def machine() -> dict:
         commit += " (uncommitted changes)" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
+    try:
+        from ocomp.runtime import w2a8_path
+
+        path = w2a8_path()
+    except Exception as exc:  # noqa: BLE001 - the header says why instead
+        path = f"unavailable ({exc})"
+    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "w2a8_path": path,
+            "onnxruntime": onnxruntime.__version__,
             "onnx": onnx.__version__, "python": platform.python_version(), "commit": commit,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
@@ -511,7 +521,8 @@ def summary(model: dict, threads: list[int]) -> list[str]:
 def write_markdown(result: dict, path: Path) -> None:
     m, threads = result["machine"], result["threads"]
     lines = ["# ocomp real-model benchmark", "",
-             f"Machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX2'}), {m['cores']} cores; onnxruntime "
+             f"Machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX2'}), {m['cores']} cores, ocomp W2A8 path "
+             f"{m.get('w2a8_path', 'unknown')}; onnxruntime "
              f"{m['onnxruntime']}, onnx {m['onnx']}, Python {m['python']}; ocomp {m['commit']}; {m['date']}.", "",
              f"Command: `{result['command']}` (total {result['seconds']:.0f} s)", "",
              "- Rows marked `+ bnrecal` run the passes `...,bnrecal,foldbn` (BatchNorm recalibration on the "
@@ -525,6 +536,9 @@ def write_markdown(result: dict, path: Path) -> None:
              "rows: U8S8 (uint8 activations, int8 weights: the pairing onnxruntime's x86 int8 kernels are built around) "
              "and S8S8 (int8 activations: quantize_static's default types), which measured much slower here. Params/MACs of the int8 rows are counted by `ocomp.metrics.model_stats` on the model with its "
              "DequantizeLinear weights folded back to float (it sees no weights behind DequantizeLinear).",
+             "- `+ w2a8` rows append the w2a8 pass (int8 activations for the ternary ops, per-tensor ranges "
+             "from the calibration data): their ternary ops run the runtime's W2A8 kernels (the path in the "
+             "machine line), the rows to compare with ORT int8.",
              "- Prune rows use the default criterion unless the row says otherwise: `energy` (measured on the calibration data) in every `+ bnrecal` row, which is given the calibration data, `l1` in the rows without it.",
              f"- Latency: median of {result['rounds']} interleaved rounds x {result['reps']} runs at batch 1, one "
              "global onnxruntime thread pool per thread count (a subprocess each), "
