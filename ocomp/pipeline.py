@@ -109,6 +109,17 @@ non_negative_int = whole_number(0)
 positive_int = whole_number(1)
 
 
+def mebibytes(value: Any) -> float:
+    """Option type: a size in MiB, >= 0."""
+    number = float(value)
+    if not number >= 0:
+        raise ValueError(f"expected a size in MiB >= 0, got {value!r}")
+    return number
+
+
+mebibytes.__name__ = "MiB"
+
+
 class OptionError(UsageError):
     """A pass option the pass cannot use. The message names the option as the pass declares it
     (`option 'skip' of pass 'ternary': ...`); the CLI shows the flag instead (`flag_message`)."""

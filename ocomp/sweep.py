@@ -157,8 +157,10 @@ class Calibration:
         return self.bounds[-1][1] if self.bounds else 0
 
     @classmethod
-    def read(cls, dataset: Any) -> "Calibration":
-        """From an ocomp Dataset (or an iterable of (feeds, labels) / feeds)."""
+    def read(cls, dataset: Any, limit: int | None = None) -> "Calibration":
+        """From an ocomp Dataset (its first `limit` samples), or an iterable of (feeds, labels) / feeds."""
+        if limit is not None and hasattr(dataset, "take"):
+            dataset = dataset.take(limit)
         batches = dataset.batches() if hasattr(dataset, "batches") else dataset
         parts: dict[str, list[np.ndarray]] = {}
         labels: list[np.ndarray] = []
@@ -266,9 +268,9 @@ class Sweep:
         session runs what they need; slices hold about `max_bytes` of those values (the first slice, one
         sample, measures them). Nodes are not marked run."""
         names = list(dict.fromkeys(names))
-        nodes = self._needed([n for n in names if n not in self.store])
-        inputs = self._segment_inputs(nodes)
         computed = [n for n in names if n not in self.store]
+        nodes = self._needed(computed)
+        inputs = self._segment_inputs(nodes)
         session = self.session_factory(self._model(nodes, inputs, computed)) if computed else None
         start = time.perf_counter()
         step = 1

@@ -25,22 +25,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ocomp.graph import sorted_nodes
-from ocomp.pipeline import Context, Option, Pass, Report, positive_int, register
+from ocomp.pipeline import Context, Option, Pass, Report, mebibytes, positive_int, register
 from ocomp.sweep import DEFAULT_BUDGET, Calibration, Sweep
 
 from .bnstats import ChannelStats, Target, correct, reference_stats, set_bn, targets, usable_bns
 from .reconstruct import Equations, Fit, fits
 
 
-def mebibytes(value: Any) -> float:
-    """Option type: a size in MiB, >= 0."""
-    number = float(value)
-    if not number >= 0:
-        raise ValueError(f"expected a size in MiB >= 0, got {value!r}")
-    return number
-
-
-mebibytes.__name__ = "MiB"
 
 
 @register
@@ -70,8 +61,7 @@ class BNRecal(Pass):
 
     def run(self, graph: gs.Graph, ctx: Context) -> Report:
         report = Report(self.name)
-        data = ctx.calibration.take(ctx.options["samples"]) if hasattr(ctx.calibration, "take") else ctx.calibration
-        calibration = Calibration.read(data)
+        calibration = Calibration.read(ctx.calibration, ctx.options["samples"])
         kept = ctx.kept_channels
         graph.toposort()
         ref_graph = None
@@ -151,8 +141,8 @@ def _recalibrate_bn(graph: gs.Graph, bn: gs.Node, current: Sweep, original: Swee
     measured = ChannelStats.of([current.get([name])[name]], 1)
     reference = None
     if original is not None and name in original.producer:
-        reference = reference_stats(ChannelStats.of([original.get([name])[name]], 1), kept.get(name),
-                                    len(measured.total))
+        reference, _ = reference_stats(ChannelStats.of([original.get([name])[name]], 1), kept.get(name),
+                                       len(measured.total))  # (unmapped: adaptive BN, the measured statistics)
     set_bn(graph, bn, measured, report, reference)
 
 

@@ -116,14 +116,17 @@ def set_bn(graph: gs.Graph, bn: gs.Node, measured: ChannelStats, report: Report,
                   note=f"statistics {how}: max mean shift {shift:.3g} std; var ratio {ratio.min():.3g}..{ratio.max():.3g}")
 
 
-def reference_stats(ref: ChannelStats, kept: np.ndarray | None, channels: int) -> ChannelStats | None:
-    """The original's statistics restricted to the kept channels; None when they do not map."""
+def reference_stats(ref: ChannelStats, kept: np.ndarray | None, channels: int) -> tuple[ChannelStats | None, str]:
+    """The original's statistics restricted to the kept channels (of `channels` here), or None and why they
+    do not map."""
     if kept is not None:
         kept = np.asarray(kept)
         if kept.max(initial=-1) >= len(ref.total):
-            return None
+            return None, "kept channels do not match the reference"
         ref = ChannelStats(ref.count, ref.total[kept], ref.squares[kept])
-    return ref if len(ref.total) == channels else None
+    if len(ref.total) != channels:
+        return None, f"{channels} channels here, {len(ref.total)} in the reference"
+    return ref, ""
 
 
 # ---------------------------------------------------------------- bias correction
@@ -181,17 +184,11 @@ def correct(graph: gs.Graph, target: Target, current: ChannelStats, ref: Channel
     """Set the target's bias (and with `match_std` its per-channel scale) so its output statistics match
     the reference's."""
     node, layer = target.node, target.layer
-    ref_mean, ref_std = ref.mean, np.sqrt(ref.var)
-    kept = kept_channels.get(target.tensor)
-    if kept is not None:
-        kept = np.asarray(kept)
-        if kept.max(initial=-1) >= len(ref_mean):
-            report.skip(node.name, node.op, "kept channels do not match the reference")
-            return
-        ref_mean, ref_std = ref_mean[kept], ref_std[kept]
-    if len(ref_mean) != len(current.mean):
-        report.skip(node.name, node.op, f"{len(current.mean)} channels here, {len(ref_mean)} in the reference")
+    mapped, why = reference_stats(ref, kept_channels.get(target.tensor), len(current.mean))
+    if mapped is None:
+        report.skip(node.name, node.op, why)
         return
+    ref_mean, ref_std = mapped.mean, np.sqrt(mapped.var)
     channels = len(ref_mean)
     bias = layer.bias(graph)
     scale = np.ones(channels)

@@ -36,10 +36,9 @@ import onnx_graphsurgeon as gs
 
 from ocomp.graph import CUSTOM_DOMAIN, constant_value, input_at, is_graph_output, is_standard, sorted_nodes
 from ocomp.layers import TERNARY_OPS, layer_of
-from ocomp.pipeline import Context, Option, Pass, Report, positive_int, register
+from ocomp.pipeline import Context, Option, Pass, Report, mebibytes, positive_int, register
 from ocomp.sweep import DEFAULT_BUDGET, Calibration, Sweep
 
-from .bnrecal import mebibytes
 from .bnstats import ChannelStats, Target, correct
 
 ACT_ATTRS = ("act_quant", "act_scale", "act_zero_point")
@@ -207,8 +206,7 @@ class W2A8(Pass):
     def _calibrate(self, graph: gs.Graph, nodes: list[gs.Node], ctx: Context, fused: dict[int, str],
                    reference: gs.Graph | None, original: dict[int, str], report: Report) -> None:
         opts = ctx.options
-        data = ctx.calibration.take(opts["samples"]) if hasattr(ctx.calibration, "take") else ctx.calibration
-        calibration = Calibration.read(data)
+        calibration = Calibration.read(ctx.calibration, opts["samples"])
         graph.toposort()
         opsets = list(ctx.template.opset_import) if ctx.template is not None else []
         budget = int(max(opts["memory"], 0) * 2**20)
