@@ -115,7 +115,7 @@ def model_stats(model: onnx.ModelProto, path: str | os.PathLike | None = None) -
     layers: list[LayerStats] = []
     counted: set[str] = set()
     for node, layer in layers_found:
-        weight = stored.get(node.inputs[1].name, visible[node.inputs[1].name])
+        weight = stored[node.inputs[1].name][0] if node.inputs[1].name in stored else visible[node.inputs[1].name]
         out_shape = shapes.get(node.outputs[0].name, [])
         in_shape = shapes.get(node.inputs[0].name, [])
         nbytes = _tensor_nbytes(weight)
@@ -128,7 +128,7 @@ def model_stats(model: onnx.ModelProto, path: str | os.PathLike | None = None) -
         counted.update(t.name for t in node.inputs[1:])
         for t in node.inputs[1:]:
             if t.name in stored:  # the quantized tensor, its scale and zero point belong to the layer
-                counted.update(_quantizer_inputs(model, t.name))
+                counted.update(stored[t.name][1])
         macs = layer.macs(in_shape, out_shape) if out_shape else 0
         dtype = "ternary" if layer.ternary else onnx.helper.tensor_dtype_to_np_dtype(weight.data_type).name
         layers.append(LayerStats(node.name or node.outputs[0].name, node.op, wshape, out_shape,
@@ -146,10 +146,12 @@ def model_stats(model: onnx.ModelProto, path: str | os.PathLike | None = None) -
                       inputs, unknown)
 
 
-def _dequantized_weights(graph: gs.Graph, inits: dict[str, onnx.TensorProto]) -> dict[str, onnx.TensorProto]:
+def _dequantized_weights(graph: gs.Graph, inits: dict[str, onnx.TensorProto]
+                         ) -> dict[str, tuple[onnx.TensorProto, list[str]]]:
     """Weights stored quantized (DequantizeLinear of constants, as onnxruntime's QDQ format has them): the
     DequantizeLinear output becomes a float constant in `graph` (so the layer table sees the layer) and in
-    `inits`; returns {weight name: the stored (int8) tensor} for the size and dtype figures."""
+    `inits`; returns {weight name: (the stored (int8) tensor, the DequantizeLinear's input names)} for the
+    size and dtype figures and for counting the quantizer's tensors with the layer."""
     stored = {}
     for node in graph.nodes:
         if node.op != "DequantizeLinear" or not node.outputs or node.inputs[0].name not in inits:
@@ -167,16 +169,10 @@ def _dequantized_weights(graph: gs.Graph, inits: dict[str, onnx.TensorProto]) ->
         out = node.outputs[0]
         weight = ((q - zero) * scale).astype(np.float32)
         inits[out.name] = numpy_helper.from_array(weight, out.name)
-        stored[out.name] = inits[node.inputs[0].name]
+        stored[out.name] = (inits[node.inputs[0].name], [t.name for t in node.inputs if t.name])
         for reader in list(out.outputs):
             reader.inputs[reader.inputs.index(out)] = gs.Constant(out.name, weight)
     return stored
-
-
-def _quantizer_inputs(model: onnx.ModelProto, name: str) -> list[str]:
-    """The constant inputs of the DequantizeLinear that makes `name` (counted with the layer)."""
-    node = next((n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == name), None)
-    return list(node.input) if node is not None else []
 
 
 def constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
