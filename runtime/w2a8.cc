@@ -141,17 +141,23 @@ struct PanelEpilogue {
 
 uint8_t* byte_scratch(size_t bytes) { return reinterpret_cast<uint8_t*>(thread_scratch(bytes / 4 + 16)); }
 
-// dst[w * dst_stride + c] = src[c * src_stride + w] for 16 channels c and w < n (a byte transpose; SSE2
-// 16x16 blocks where available, the baseline of every x86-64 build). Each source row must be readable 16
-// bytes past w = n - 1 rounded down to 16 (a short tail is transposed as a whole block, of which only the
-// first n % 16 rows are stored).
-void transpose16(const uint8_t* src, int64_t src_stride, int64_t n, uint8_t* dst, int64_t dst_stride) {
+// dst[w * dst_stride + c] = src[c * src_stride + w] for channels c < nc (<= 16) and w < n, and
+// dst[w * dst_stride + c] = pad for nc <= c < 16 (a byte transpose; SSE2 16x16 blocks where available, the
+// baseline of every x86-64 build). Each of the nc source rows must be readable 16 bytes past w = n - 1
+// rounded down to 16 (a short tail is transposed as a whole block, of which only the first n % 16 rows are
+// stored). Pixel w's 16 bytes are stored at once while w < nwide (they may run into pixel w + 1, which is
+// stored after it, or into later channels that the caller writes afterwards), the rest byte by byte up to
+// channel `width` (nc <= width <= 16: the pad bytes of the pixel's own slots).
+void transpose16(const uint8_t* src, int64_t src_stride, int64_t n, uint8_t* dst, int64_t dst_stride, int nc,
+                 uint8_t pad, int64_t nwide, int width) {
   int64_t w = 0;
 #if defined(__SSE2__)
+  const __m128i padv = _mm_set1_epi8(static_cast<char>(pad));
   for (; w < n; w += 16) {
     const int64_t rows = n - w < 16 ? n - w : 16;
     __m128i r[16], b[16], c[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * src_stride + w));
+    for (int i = 0; i < 16; ++i)
+      r[i] = i < nc ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * src_stride + w)) : padv;
     for (int k = 0; k < 8; ++k) {
       b[k] = _mm_unpacklo_epi8(r[2 * k], r[2 * k + 1]);      // w 0..7, channels 2k, 2k+1
       b[k + 8] = _mm_unpackhi_epi8(r[2 * k], r[2 * k + 1]);  // w 8..15
@@ -171,20 +177,32 @@ void transpose16(const uint8_t* src, int64_t src_stride, int64_t n, uint8_t* dst
       out[g + 2] = _mm_unpacklo_epi64(d1, d3);
       out[g + 3] = _mm_unpackhi_epi64(d1, d3);
     }
-    for (int64_t i = 0; i < rows; ++i) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (w + i) * dst_stride), out[i]);
+    for (int64_t i = 0; i < rows; ++i) {
+      if (w + i < nwide) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (w + i) * dst_stride), out[i]);
+      } else {
+        alignas(16) uint8_t tmp[16];
+        _mm_store_si128(reinterpret_cast<__m128i*>(tmp), out[i]);
+        std::memcpy(dst + (w + i) * dst_stride, tmp, static_cast<size_t>(width));
+      }
+    }
   }
 #endif
-  for (; w < n; ++w)
-    for (int64_t c = 0; c < 16; ++c) dst[w * dst_stride + c] = src[c * src_stride + w];
+  for (; w < n; ++w) {
+    for (int c = 0; c < nc; ++c) dst[w * dst_stride + c] = src[c * src_stride + w];
+    for (int c = nc; c < width; ++c) dst[w * dst_stride + c] = pad;
+  }
 }
 
 // dst[c * stride + j] = tile[j * kPanel + c] for pixels j < np and channels c < nk (a run's epilogue output,
-// pixel-major, written to NCHW planes); full 8 x 16 tiles by SSE 4 x 4 float transposes.
+// pixel-major, written to NCHW planes): SSE 4 x 4 float transposes over whole groups of 4 pixels, the
+// channels beyond nk not stored; the last np % 4 pixels one by one.
 void store_channels(const float* tile, int np, int64_t nk, float* dst, int64_t stride) {
+  int j0 = 0;
 #if defined(__SSE2__)
-  if (np == kMaxRun && nk == kPanel) {
-    for (int j0 = 0; j0 < kMaxRun; j0 += 4)
-      for (int c0 = 0; c0 < kPanel; c0 += 4) {
+  if (nk == kPanel) {
+    for (; j0 + 4 <= np; j0 += 4)
+      for (int64_t c0 = 0; c0 < kPanel; c0 += 4) {
         __m128 r0 = _mm_loadu_ps(tile + (j0 + 0) * kPanel + c0), r1 = _mm_loadu_ps(tile + (j0 + 1) * kPanel + c0);
         __m128 r2 = _mm_loadu_ps(tile + (j0 + 2) * kPanel + c0), r3 = _mm_loadu_ps(tile + (j0 + 3) * kPanel + c0);
         _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
@@ -193,11 +211,21 @@ void store_channels(const float* tile, int np, int64_t nk, float* dst, int64_t s
         _mm_storeu_ps(dst + (c0 + 2) * stride + j0, r2);
         _mm_storeu_ps(dst + (c0 + 3) * stride + j0, r3);
       }
-    return;
   }
+  for (; j0 + 4 <= np; j0 += 4)
+    for (int64_t c0 = 0; c0 < nk; c0 += 4) {
+      __m128 r0 = _mm_loadu_ps(tile + (j0 + 0) * kPanel + c0), r1 = _mm_loadu_ps(tile + (j0 + 1) * kPanel + c0);
+      __m128 r2 = _mm_loadu_ps(tile + (j0 + 2) * kPanel + c0), r3 = _mm_loadu_ps(tile + (j0 + 3) * kPanel + c0);
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+      const int64_t left = nk - c0;
+      _mm_storeu_ps(dst + (c0 + 0) * stride + j0, r0);
+      if (left > 1) _mm_storeu_ps(dst + (c0 + 1) * stride + j0, r1);
+      if (left > 2) _mm_storeu_ps(dst + (c0 + 2) * stride + j0, r2);
+      if (left > 3) _mm_storeu_ps(dst + (c0 + 3) * stride + j0, r3);
+    }
 #endif
   for (int64_t c = 0; c < nk; ++c)
-    for (int j = 0; j < np; ++j) dst[c * stride + j] = tile[j * kPanel + c];
+    for (int j = j0; j < np; ++j) dst[c * stride + j] = tile[j * kPanel + c];
 }
 
 // The whole input x (`total` floats) quantized at once in its own order: long contiguous runs, where small
@@ -349,7 +377,11 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
                    int64_t OW, const ActQuant& q, const float* alpha, const float* bias, float lo, float hi,
                    float* y) const {
   const W2A8ConvShape& s = s_;
-  std::vector<float> mul(static_cast<size_t>(s.K));
+  // Per-call scratch kept per calling thread (no heap allocation once warm).
+  // (Lambdas run on pool threads: they see the caller's vectors through the local references.)
+  thread_local std::vector<float> mul_tls;
+  std::vector<float>& mul = mul_tls;
+  mul.resize(static_cast<size_t>(s.K));
   for (int64_t k = 0; k < s.K; ++k) mul[k] = alpha[k] * q.scale;
   if (depthwise_) {
     run_depthwise(context, x, N, H, W, OH, OW, q, mul.data(), bias, lo, hi, y);
@@ -370,7 +402,9 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
 
   // Padded rows some output reads (a strided conv with a kernel shorter than its stride skips rows; the
   // buffer's other rows are never read and stay unwritten).
-  std::vector<char> needed(static_cast<size_t>(Hp), 0);
+  thread_local std::vector<char> needed_tls;
+  std::vector<char>& needed = needed_tls;
+  needed.assign(static_cast<size_t>(Hp), 0);
   for (int64_t oy = 0; oy < OH; ++oy)
     for (int64_t ky = 0; ky < s.kH; ++ky) needed[static_cast<size_t>(oy * s.sh + ky * s.dh)] = 1;
 
@@ -386,20 +420,27 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
     }
     std::memset(row, zb, static_cast<size_t>(s.pl * Cp));
     std::memset(row + (s.pl + W) * Cp, zb, static_cast<size_t>(s.pr * Cp));
-    if (Cp != Cg)
-      for (int64_t w = 0; w < W; ++w) std::memset(row + (s.pl + w) * Cp + Cg, zb, static_cast<size_t>(Cp - Cg));
-    // Interleave the channels of the quantized NCHW input: 16 at a time by a byte transpose.
+    // Interleave the channels of the quantized NCHW input: 16 at a time by a byte transpose. The last,
+    // partial block (with the quad padding channels Cg..Cp-1 as zero points) goes first: its wide stores
+    // run into the next pixel's first channels, which the full blocks then write. A pixel's wide store
+    // stays inside this padded row (the right padding is zero points as well).
     const uint8_t* src = qx + ((n * C + g * Cg) * H + h) * W;
     uint8_t* dst = row + s.pl * Cp;
-    int64_t c0 = 0;
-    for (; c0 + 16 <= Cg; c0 += 16) transpose16(src + c0 * H * W, H * W, W, dst + c0, Cp);
-    for (; c0 < Cg; ++c0)
-      for (int64_t w = 0; w < W; ++w) dst[w * Cp + c0] = src[c0 * H * W + w];
+    const int64_t row_left = (Wp - s.pl) * Cp;  // bytes from dst to the end of the padded row
+    const int64_t full = Cg / 16 * 16;
+    if (full < Cg) {
+      const int64_t nwide = row_left < full + 16 ? 0 : std::min<int64_t>(W, (row_left - full - 16) / Cp + 1);
+      transpose16(src + full * H * W, H * W, W, dst + full, Cp, static_cast<int>(Cg - full), zb, nwide,
+                  static_cast<int>(Cp - full));
+    }
+    for (int64_t c0 = 0; c0 < full; c0 += 16) transpose16(src + c0 * H * W, H * W, W, dst + c0, Cp, 16, zb, W, 16);
   };
   parallel_for(context, static_cast<size_t>(N * G * Hp), fill);
 
   const W2A8Weights& w0 = groups_[0];
-  std::vector<int32_t> off(static_cast<size_t>(w0.nblocks * 4), 0);
+  thread_local std::vector<int32_t> off_tls;
+  std::vector<int32_t>& off = off_tls;
+  off.assign(static_cast<size_t>(w0.nblocks * 4), 0);
   const int64_t cq = Cp / 4;
   for (int64_t ky = 0; ky < s.kH; ++ky)
     for (int64_t kx = 0; kx < s.kW; ++kx)
@@ -556,7 +597,9 @@ void W2A8Gemm::run(OrtKernelContext* context, const float* x, int64_t M, const A
     for (int64_t i = Kin; i < Kp; ++i) dst[i] = static_cast<uint8_t>(z);
   };
   parallel_for(context, static_cast<size_t>(M), fill);
-  std::vector<float> mul(static_cast<size_t>(N));
+  thread_local std::vector<float> mul_tls;  // the lambdas below see it through the local reference
+  std::vector<float>& mul = mul_tls;
+  mul.resize(static_cast<size_t>(N));
   for (int64_t n = 0; n < N; ++n) mul[n] = alpha[n] * q.scale;
   const int64_t runs = (M + kMaxRun - 1) / kMaxRun;
   const int64_t pgroups = std::min(w_.panels, std::max<int64_t>(1, (kMinItems + runs - 1) / runs));
