@@ -61,8 +61,77 @@ SUBSET = textwrap.dedent(
 )
 
 
-def test_sanitized_library(tmp_path):
-    build = tmp_path / "build"
+# The W2A8 ops (TernaryConv / TernaryGemm / TernaryMatMul with int8 activations) on one path, forced with OCOMP_ISA
+# (chosen once per process): every conv case of test_w2a8 (3x3, 1x1, strided, dilated, grouped, depthwise,
+# multiplier 2, odd channel and pixel counts) static, with a fused Relu and dynamic, at 1 and 2 threads; the gemm
+# cases static and dynamic; weights fed at run time; the bad-attribute and infinite-input errors. Outputs equal
+# test_w2a8's integer reference exactly (a wrong result is a failure here too, not only a sanitizer report).
+W2A8_SUBSET = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    import ocomp.runtime as rt
+    try:
+        path = rt.w2a8_path()
+    except RuntimeError as e:
+        print(f"W2A8-SKIP {e}")
+        sys.exit(0)
+    import test_w2a8 as tw
+    from test_runtime import expect_ort_error, run_ternary, ternary, ternary_node_model
+    from ocomp.passes.ternary import pack_ternary
+
+    runs = 0
+    for i, case in enumerate(tw.CONV_CASES):
+        for variant in ("static", "relu", "dynamic"):
+            act = dict(activation="Relu") if variant == "relu" else None
+            model, x, t, alpha, bias, attrs = tw.conv_case(300 + i, case, activation=act,
+                                                           dynamic=variant == "dynamic")
+            y = run_ternary(model, {"X": x}, intra_op_num_threads=1 + (i + len(variant)) % 2)
+            scale, z = tw.dynamic_quant(x) if variant == "dynamic" else (0.03, 117)
+            lo = 0.0 if variant == "relu" else -np.inf
+            ref = tw.epilogue(tw.int_conv(tw.quantize(x, scale, z), t, z, attrs), alpha, bias, scale, 1, lo)
+            np.testing.assert_array_equal(y, ref, err_msg=f"{path}: conv case {i} {variant}")
+            runs += 1
+    for m, kin, n in tw.GEMM_CASES:
+        rng = np.random.default_rng(kin)
+        t = ternary(rng, (n, kin))
+        alpha = rng.uniform(0.01, 0.1, n).astype(np.float32)
+        bias = rng.normal(size=n).astype(np.float32)
+        x = rng.normal(size=(m, kin)).astype(np.float32)
+        for op in ("TernaryGemm", "TernaryMatMul"):
+            for dynamic in (False, True):
+                scale, z = tw.dynamic_quant(x) if dynamic else (0.02, 128)
+                act = dict(act_quant="dynamic") if dynamic else dict(act_scale=scale, act_zero_point=z)
+                model = ternary_node_model(op, pack_ternary(t), alpha, bias, weight_shape=[n, kin], **act)
+                y = run_ternary(model, {"X": x}, intra_op_num_threads=2 if m > 8 else 1)
+                acc = (tw.quantize(x, scale, z) - z) @ t.astype(np.int64).T
+                np.testing.assert_array_equal(y, tw.epilogue(acc, alpha, bias, scale, 1),
+                                              err_msg=f"{path}: {op} {m}x{kin}x{n} dynamic={dynamic}")
+                runs += 1
+    model, x, t, alpha, bias, attrs = tw.conv_case(11, tw.CONV_CASES[2])
+    fed = ternary_node_model("TernaryConv", None, None, bias, constant=False, **attrs, act_scale=0.03,
+                             act_zero_point=117)
+    np.testing.assert_array_equal(run_ternary(fed, {"X": x, "P": pack_ternary(t), "A": alpha, "B": bias}),
+                                  run_ternary(model, {"X": x}), err_msg=f"{path}: weights fed at run time")
+    bad = next(m for m in tw.test_bad_attributes_give_ort_errors.pytestmark if m.name == "parametrize").args[1]
+    for act, match in bad:
+        expect_ort_error(tw._bad(**act), {"X": np.zeros((1, 8), np.float32)}, match)
+    x = np.zeros((1, 8), np.float32)
+    x[0, 3] = np.inf
+    expect_ort_error(tw._bad(act_quant="dynamic"), {"X": x}, "infinite values")
+    print(f"W2A8-ASAN-OK {path} {runs} runs {len(bad) + 1} error cases")
+    """
+)
+# Every W2A8 path of the build, as test_w2a8 lists them; the ones this CPU or build lacks skip (saying why).
+W2A8_PATHS = ["scalar", "avx2", "avxvnni", "avxvnni-evex", "avx512vnni", "neon", "neon-dot"]
+SANITIZER_MARKERS = ("AddressSanitizer", "LeakSanitizer", "runtime error:", "UndefinedBehaviorSanitizer")
+
+
+@pytest.fixture(scope="module")
+def sanitized(tmp_path_factory):
+    """(the ASan + UBSan build of the library, the environment that runs python with it), built once."""
+    build = tmp_path_factory.mktemp("asan") / "build"
     configure = subprocess.run(
         ["cmake", "-S", str(ROOT / "runtime"), "-B", str(build), "-DOCOMP_SANITIZE=ON",
          "-DCMAKE_BUILD_TYPE=RelWithDebInfo"],
@@ -88,19 +157,41 @@ def test_sanitized_library(tmp_path):
     libstdcxx = subprocess.run([compiler, "-print-file-name=libstdc++.so.6"], capture_output=True,
                                text=True).stdout.strip()
     preload = [libasan] + ([libstdcxx] if os.path.isabs(libstdcxx) else [])
-    env = dict(
-        os.environ,
+    env = {k: v for k, v in os.environ.items() if k != "OCOMP_ISA"}
+    env.update(
         LD_PRELOAD=":".join(preload),
         ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=23",
         UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=24",
         OCOMP_RUNTIME_LIBRARY=str(library),
         OPENBLAS_NUM_THREADS="1",
     )
+    return build, env
+
+
+def run_sanitized(script: str, build: Path, env: dict) -> subprocess.CompletedProcess:
     # cwd outside the checkout: `python -c` puts the cwd first on sys.path.
-    proc = subprocess.run([sys.executable, "-c", SUBSET, str(TESTS)], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script, str(TESTS)], env=env, capture_output=True, text=True,
                           timeout=300, cwd=build)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
-    assert "ASAN-SUBSET-OK" in proc.stdout
-    for marker in ("AddressSanitizer", "LeakSanitizer", "runtime error:", "UndefinedBehaviorSanitizer"):
+    for marker in SANITIZER_MARKERS:
         assert marker not in output, output[-6000:]
+    return proc
+
+
+def test_sanitized_library(sanitized):
+    build, env = sanitized
+    proc = run_sanitized(SUBSET, build, env)
+    assert "ASAN-SUBSET-OK" in proc.stdout
+
+
+@pytest.mark.parametrize("isa", W2A8_PATHS)
+def test_sanitized_w2a8_path(sanitized, isa):
+    """The W2A8 kernels of one path (forced with OCOMP_ISA) under ASan + UBSan, exact against the reference."""
+    build, env = sanitized
+    proc = run_sanitized(W2A8_SUBSET, build, dict(env, OCOMP_ISA=isa))
+    if "W2A8-SKIP" in proc.stdout:
+        reason = proc.stdout.split("W2A8-SKIP", 1)[1].strip()
+        assert "does not support" in reason or "not a path of this build" in reason, reason
+        pytest.skip(f"OCOMP_ISA={isa}: {reason}")
+    assert f"W2A8-ASAN-OK {isa} " in proc.stdout, proc.stdout[-3000:]
