@@ -366,7 +366,8 @@ def measure_latency(models: dict[str, str], sample: np.ndarray, input_name: str,
 # ---------------------------------------------------------------- the benchmark
 
 
-def bench_model(name: str, shared: Path, workdir: Path, args, bar) -> dict:
+def bench_model(name: str, shared: Path, workdir: Path, args, bar, configs=None) -> dict:
+    """Every configuration of `configs` (default BASE_CONFIGS; the first must be the original) on one model."""
     from ocomp.metrics import model_stats
     from ocomp.model import load_model, save_model
 
@@ -381,7 +382,7 @@ def bench_model(name: str, shared: Path, workdir: Path, args, bar) -> dict:
     np.savez(calib_path, **{data["input"]: data["calib"]})
     rows: list[dict] = []
     ref_outs = None
-    for label, kind, passes, options in BASE_CONFIGS:
+    for label, kind, passes, options in configs or BASE_CONFIGS:
         bar.set_description(f"{name}: {label}")
         row: dict = {"config": label, "passes": passes, "options": options}
         path = mdir / (f"{len(rows):02d}_" + label.replace(" ", "_").replace("(", "").replace(")", "")
@@ -518,9 +519,9 @@ def summary(model: dict, threads: list[int]) -> list[str]:
     return lines
 
 
-def write_markdown(result: dict, path: Path) -> None:
+def write_markdown(result: dict, path: Path, title: str = "ocomp real-model benchmark") -> None:
     m, threads = result["machine"], result["threads"]
-    lines = ["# ocomp real-model benchmark", "",
+    lines = [f"# {title}", "",
              f"Machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX2'}), {m['cores']} cores, ocomp W2A8 path "
              f"{m.get('w2a8_path', 'unknown')}; onnxruntime "
              f"{m['onnxruntime']}, onnx {m['onnx']}, Python {m['python']}; ocomp {m['commit']}; {m['date']}.", "",
