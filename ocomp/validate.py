@@ -65,12 +65,17 @@ class _Bad(Exception):
 def _check_node(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], shapes: dict[str, list]) -> None:
     if node.op_type not in TERNARY_OPS:
         raise _Bad(f"unknown op in domain '{CUSTOM_DOMAIN}' (known: {', '.join(TERNARY_OPS)})")
-    if not 3 <= len(node.input) <= 4 or any(not name for name in node.input[:3]):
-        raise _Bad(f"expects inputs X, packed, alpha and an optional bias, has {len(node.input)} input(s)")
+    conv = node.op_type == "TernaryConv"
+    if conv and len(node.input) == 5:  # input 4: the fused residual Add's float tensor, of the output's shape
+        _check_residual(node, shapes)
+    elif not 3 <= len(node.input) <= 4:
+        extra = ", an optional bias and an optional residual" if conv else " and an optional bias"
+        raise _Bad(f"expects inputs X, packed, alpha{extra}, has {len(node.input)} input(s)")
+    if any(not name for name in node.input[:3]):
+        raise _Bad("expects inputs X, packed, alpha and an optional bias, has an empty one of the first three")
     if len(node.output) != 1:
         raise _Bad(f"has {len(node.output)} outputs, expects 1")
     attrs = {a.name: a for a in node.attribute}
-    conv = node.op_type == "TernaryConv"
     rank = 4 if conv else 2
     layout = "(K, C/group, kH, kW)" if conv else "(N, Kin)"
     if "weight_shape" not in attrs:
@@ -129,6 +134,17 @@ def _check_node(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], sh
         elif isinstance(x_shape[-1], int) and x_shape[-1] != weight_shape[1]:
             raise _Bad(f"X has {x_shape[-1]} features in its last dimension, but weight_shape[1] (Kin) is "
                        f"{weight_shape[1]}")
+
+
+def _check_residual(node: onnx.NodeProto, shapes: dict[str, list]) -> None:
+    """TernaryConv's input 4 (a fused residual Add): the runtime requires exactly the output's shape."""
+    residual, output = shapes.get(node.input[4]), shapes.get(node.output[0]) if node.output else None
+    if residual is not None and output is not None and len(residual) == len(output):
+        if any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(residual, output)):
+            raise _Bad(f"residual '{node.input[4]}' has shape {_text(residual)}, but the output has shape "
+                       f"{_text(output)} (the residual must have the output's shape)")
+    elif residual is not None and output is not None:
+        raise _Bad(f"residual '{node.input[4]}' has rank {len(residual)}, the output rank {len(output)}")
 
 
 def _check_w2a8_attrs(attrs: dict[str, AttributeProto]) -> None:

@@ -170,7 +170,9 @@ class W2A8(Pass):
                "tensor (the quantization and clipping errors of this op and of the ops before it; one more sweep, of "
                "the model as it was before this pass)"),
         Option("fuse", bool, True, "fuse a Relu, or a Clip with constant bounds, that is the only reader of a "
-               "ternary op's output into the op (its activation attribute)"),
+               "ternary op's output into the op (its activation attribute); and a residual Add that is the only "
+               "reader of a TernaryConv's output, adding a float tensor of the same shape, with the Relu/Clip "
+               "after it (the op's residual input; exact)"),
         Option("memory", mebibytes, DEFAULT_BUDGET / 2**20, "MiB of calibration-set activations held in memory by "
                "the sweep; the rest is spilled to temporary files"),
     )
@@ -199,8 +201,10 @@ class W2A8(Pass):
                               _params(node), note=_fused_note(fused, node))
             report.skip("*", "-", f"{why}: act_quant=dynamic (each run quantizes with its own input range)")
             report.details["mode"] = "dynamic"
-            return report
-        self._calibrate(graph, nodes, ctx, fused, reference, original, report)
+        else:
+            self._calibrate(graph, nodes, ctx, fused, reference, original, report)
+        # After calibration: the fusion is exact, so it changes no range or bias the sweeps chose.
+        report.details["fused_residuals"] = fuse_residuals(graph, nodes) if opts["fuse"] else 0
         return report
 
     def _calibrate(self, graph: gs.Graph, nodes: list[gs.Node], ctx: Context, fused: dict[int, str],
@@ -371,6 +375,64 @@ def fuse_activations(graph: gs.Graph, nodes: list[gs.Node]) -> dict[int, str]:
         graph.cleanup(remove_unused_graph_inputs=False)
         graph.toposort()
     return fused
+
+
+def fuse_residuals(graph: gs.Graph, nodes: list[gs.Node]) -> int:
+    """Fold a residual Add into a TernaryConv (input 4, `residual`): the Add must be the only reader of the
+    op's output (the op has no fused activation), and its other input a float32 tensor computed by the graph
+    with exactly the op's output shape (no broadcasting). A Relu, or a Clip with constant bounds, that is the
+    only reader of the Add's output becomes the op's activation (applied after the residual). Exact: the
+    runtime adds the residual to the op's float output and then clamps, as the Add and Relu/Clip did.
+    Returns the number of Adds folded."""
+    count = 0
+    for node in nodes:
+        if node.op != "TernaryConv" or any(k in node.attrs for k in FUSED_ATTRS) or len(node.inputs) > 4:
+            continue
+        out = node.outputs[0]
+        if len(out.outputs) != 1 or is_graph_output(graph, out):
+            continue
+        add = out.outputs[0]
+        if not is_standard(add) or add.op != "Add" or len(add.inputs) != 2 or len(add.outputs) != 1:
+            continue
+        if add.inputs[0] is out and add.inputs[1] is out:
+            continue
+        other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+        if not isinstance(other, gs.Variable) or other.dtype != np.float32 or not _same_shape(other.shape, out.shape):
+            continue
+        result = add.outputs[0]
+        act, bounds = None, None
+        if len(result.outputs) == 1 and not is_graph_output(graph, result):
+            follower = result.outputs[0]
+            if is_standard(follower) and len(follower.outputs) == 1 and follower.op in ("Relu", "Clip"):
+                bounds = _clip_bounds(follower) if follower.op == "Clip" else None
+                if follower.op == "Relu" or bounds is not None:
+                    act = follower
+        while len(node.inputs) < 4:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs.append(other)
+        add.inputs.clear()
+        add.outputs.clear()
+        node.outputs[0] = result
+        if act is not None:
+            node.attrs["activation"] = act.op
+            if bounds is not None:
+                node.attrs["clip_min"], node.attrs["clip_max"] = bounds
+            final = act.outputs[0]
+            act.inputs.clear()
+            act.outputs.clear()
+            node.outputs[0] = final
+        count += 1
+    if count:
+        graph.cleanup(remove_unused_graph_inputs=False)
+        graph.toposort()
+    return count
+
+
+def _same_shape(a, b) -> bool:
+    """Both shapes fully known (integers or named dimensions) and equal."""
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return all(x is not None and x == y and (isinstance(x, int) or (isinstance(x, str) and x)) for x, y in zip(a, b))
 
 
 def _clip_bounds(node: gs.Node) -> tuple[float, float] | None:

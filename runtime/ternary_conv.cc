@@ -344,6 +344,20 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
     }
   }
 
+  // The fused residual Add's input: exactly the output's shape (no broadcasting).
+  const float* residual = nullptr;
+  auto read_residual = [&](int64_t OH, int64_t OW) {
+    if (ctx.GetInputCount() <= 4) return;
+    Ort::ConstValue r = ctx.GetInput(4);
+    if (!r) return;
+    TensorView<float> rv = view_tensor<float>(r, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "residual");
+    const std::vector<int64_t> want{N, a.K, OH, OW};
+    if (rv.shape != want)
+      throw Error("TernaryConv: residual has shape " + shape_str(rv.shape) + ", expected the output's shape " +
+                  shape_str(want));
+    residual = rv.data;
+  };
+
   if (act_.mode != ActAttrs::kFloat) {
     const int64_t Hp = H + a.pt + a.pb, Wp = W + a.pl + a.pr;
     const int64_t eff_h = a.dh * (a.kH - 1) + 1, eff_w = a.dw * (a.kW - 1) + 1;
@@ -351,6 +365,7 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
       throw Error("TernaryConv: padded input " + std::to_string(Hp) + "x" + std::to_string(Wp) +
                   " is smaller than the dilated kernel " + std::to_string(eff_h) + "x" + std::to_string(eff_w));
     const int64_t OH = (Hp - eff_h) / a.sh + 1, OW = (Wp - eff_w) / a.sw + 1;
+    read_residual(OH, OW);
     Ort::UnownedValue y_value = ctx.GetOutput(0, std::vector<int64_t>{N, a.K, OH, OW});
     float* y = y_value.GetTensorMutableData<float>();
     if (N == 0) return;
@@ -361,12 +376,14 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
       w2a8 = runtime_w2a8.get();
     }
     const ActQuant q = run_quant(act_, context, x.data, x.size);
-    w2a8->run(context, x.data, N, H, W, OH, OW, q, alpha->data(), bias ? bias->data() : nullptr, act_.lo, act_.hi, y);
+    w2a8->run(context, x.data, N, H, W, OH, OW, q, alpha->data(), bias ? bias->data() : nullptr, act_.lo, act_.hi,
+              residual, y);
     return;
   }
 
   std::shared_ptr<const ConvPlan> plan_ptr = plan_for(H, W, *weights, const_weights_);
   const ConvPlan& p = *plan_ptr;
+  read_residual(p.OH, p.OW);
   std::vector<int64_t> out_shape{N, a.K, p.OH, p.OW};
   Ort::UnownedValue y_value = ctx.GetOutput(0, out_shape);
   float* y = y_value.GetTensorMutableData<float>();
@@ -451,7 +468,7 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
   const int64_t chunks_per_item = (kchunks + kgroups - 1) / kgroups;
   const float* alpha_d = alpha->data();
   const float* bias_d = bias ? bias->data() : nullptr;
-  const bool clamps = act_.clamps();
+  const bool clamps = act_.clamps() || residual != nullptr;
   const float lo = act_.lo, hi = act_.hi;
   auto work = [&](size_t item) {
     int64_t rest = int64_t(item);
@@ -476,6 +493,7 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
         const float al = alpha_d[k], bi = bias_d ? bias_d[k] : 0.0f;
         const float* src = partial + kk * kTile - p0;
         float* dst = y + (n * a.K + k) * p.OH * p.OW;
+        const float* res = residual != nullptr ? residual + (n * a.K + k) * p.OH * p.OW : nullptr;
         // Row segments of the tile; columns ox >= OW are dropped.
         for (int64_t q = p0; q < p1;) {
           const int64_t oy = q / p.Wrow, ox = q - oy * p.Wrow;
@@ -483,7 +501,13 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
           const int64_t valid = std::max<int64_t>(0, std::min(seg_end - q, p.OW - ox));
           float* __restrict out = dst + oy * p.OW + ox;
           const float* __restrict in = src + q;
-          if (clamps)
+          if (res != nullptr) {  // fused residual Add, then the activation
+            const float* __restrict rr = res + oy * p.OW + ox;
+            for (int64_t i = 0; i < valid; ++i) {
+              const float v = in[i] * al + bi;
+              out[i] = clamp_out(v + rr[i], lo, hi);
+            }
+          } else if (clamps)
             for (int64_t i = 0; i < valid; ++i) out[i] = clamp_out(in[i] * al + bi, lo, hi);
           else
             for (int64_t i = 0; i < valid; ++i) out[i] = in[i] * al + bi;

@@ -1,7 +1,8 @@
 // TernaryConv (domain "ocomp", version 1):
 //   Y[N,K,OH,OW] = alpha[k] * (sum of X under +1 weights - sum under -1 weights) + bias[k]
 // Inputs: X float [N,C,H,W], packed uint8 [ceil(numel/4)], alpha float [K],
-// bias float [K] (optional). Attributes: weight_shape (K, C/group, kH, kW)
+// bias float [K] (optional), residual float [N,K,OH,OW] (optional: a fused
+// residual Add, Y = activation(conv + bias + residual)). Attributes: weight_shape (K, C/group, kH, kW)
 // (required), kernel_shape, strides, pads (x1_begin, x2_begin, x1_end,
 // x2_end), dilations, group; defaults as ONNX Conv, no auto_pad. Optional
 // act_quant / act_scale / act_zero_point (int8 activations, see w2a8_ops.h)
@@ -51,12 +52,12 @@ struct TernaryConvOp : Ort::CustomOpBase<TernaryConvOp, TernaryConvKernel, true>
     return guarded(api, [&] { *kernel = new TernaryConvKernel(api, info); });
   }
   const char* GetName() const { return "TernaryConv"; }
-  size_t GetInputTypeCount() const { return 4; }
+  size_t GetInputTypeCount() const { return 5; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
     return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    return index >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }

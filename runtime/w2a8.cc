@@ -119,6 +119,8 @@ Choice choose() {
   return choice;
 }
 
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
 inline int64_t round4(int64_t v) { return (v + 3) / 4 * 4; }
 
 // Enough work items for the intra-op threads to balance.
@@ -138,6 +140,9 @@ struct PanelEpilogue {
     }
   }
 };
+
+// The most groups `panels` may be split into: pairs when the path has dot2.
+inline int64_t dot2_groups(const W2A8Isa* isa, int64_t panels) { return isa->dot2 != nullptr ? panels / 2 : panels; }
 
 uint8_t* byte_scratch(size_t bytes) { return reinterpret_cast<uint8_t*>(thread_scratch(bytes / 4 + 16)); }
 
@@ -228,6 +233,34 @@ void store_channels(const float* tile, int np, int64_t nk, float* dst, int64_t s
     for (int j = j0; j < np; ++j) dst[c * stride + j] = tile[j * kPanel + c];
 }
 
+// store_channels with a fused residual Add: dst[c * stride + j] = clamp_out(tile[j * kPanel + c] +
+// r[c * stride + j], lo, hi) (r: the residual at the same place as dst).
+void store_channels_residual(const float* tile, int np, int64_t nk, const float* r, float lo, float hi, float* dst,
+                             int64_t stride) {
+  int j0 = 0;
+#if defined(__SSE2__)
+  // max(lo, v) and min(hi, v) return v when it is NaN: clamp_out exactly.
+  const __m128 lov = _mm_set1_ps(lo), hiv = _mm_set1_ps(hi);
+  auto put = [&](int64_t c, __m128 v) {
+    v = _mm_add_ps(v, _mm_loadu_ps(r + c * stride + j0));
+    _mm_storeu_ps(dst + c * stride + j0, _mm_min_ps(hiv, _mm_max_ps(lov, v)));
+  };
+  for (; j0 + 4 <= np; j0 += 4)
+    for (int64_t c0 = 0; c0 < nk; c0 += 4) {
+      __m128 r0 = _mm_loadu_ps(tile + (j0 + 0) * kPanel + c0), r1 = _mm_loadu_ps(tile + (j0 + 1) * kPanel + c0);
+      __m128 r2 = _mm_loadu_ps(tile + (j0 + 2) * kPanel + c0), r3 = _mm_loadu_ps(tile + (j0 + 3) * kPanel + c0);
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+      const int64_t left = nk - c0;
+      put(c0, r0);
+      if (left > 1) put(c0 + 1, r1);
+      if (left > 2) put(c0 + 2, r2);
+      if (left > 3) put(c0 + 3, r3);
+    }
+#endif
+  for (int64_t c = 0; c < nk; ++c)
+    for (int j = j0; j < np; ++j) dst[c * stride + j] = clamp_out(tile[j * kPanel + c] + r[c * stride + j], lo, hi);
+}
+
 // The whole input x (`total` floats) quantized at once in its own order: long contiguous runs, where small
 // rows would spend their time in the per-row remainder blocks. `slack` bytes after it stay readable.
 const uint8_t* quantize_all(OrtKernelContext* context, QuantizeRowFn quantize_row, const float* x, int64_t total,
@@ -252,6 +285,10 @@ const W2A8Isa& w2a8_isa() {
   static const Choice choice = choose();
   if (choice.isa == nullptr) throw Error(choice.error);
   return *choice.isa;
+}
+
+void add_residual(float* y, const float* r, int64_t n, float lo, float hi) {
+  for (int64_t i = 0; i < n; ++i) y[i] = clamp_out(y[i] + r[i], lo, hi);
 }
 
 ActQuant dynamic_quant(float lo, float hi) {
@@ -375,7 +412,7 @@ W2A8Conv::W2A8Conv(const W2A8ConvShape& s, const int8_t* dense) : s_(s), isa_(&w
 
 void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t H, int64_t W, int64_t OH,
                    int64_t OW, const ActQuant& q, const float* alpha, const float* bias, float lo, float hi,
-                   float* y) const {
+                   const float* residual, float* y) const {
   const W2A8ConvShape& s = s_;
   // Per-call scratch kept per calling thread (no heap allocation once warm).
   // (Lambdas run on pool threads: they see the caller's vectors through the local references.)
@@ -384,7 +421,7 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
   mul.resize(static_cast<size_t>(s.K));
   for (int64_t k = 0; k < s.K; ++k) mul[k] = alpha[k] * q.scale;
   if (depthwise_) {
-    run_depthwise(context, x, N, H, W, OH, OW, q, mul.data(), bias, lo, hi, y);
+    run_depthwise(context, x, N, H, W, OH, OW, q, mul.data(), bias, lo, hi, residual, y);
     return;
   }
   const int64_t G = s.group, Cg = s.Cg, C = Cg * G, Kg = s.K / G, Cp = Cp_;
@@ -450,7 +487,10 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
 
   // 2. Items: (image, group, output row, group of panels).
   const int64_t rows = N * G * OH;
-  const int64_t pgroups = std::min(w0.panels, std::max<int64_t>(1, (kMinItems + rows - 1) / rows));
+  // Panels split into groups for balance, but a group keeps two panels when there are two (dot2 halves the
+  // activation loads: splitting a pair for balance cost more than it gained on 7x7 and 14x14 layers).
+  const int64_t pgroups = std::min(std::max<int64_t>(1, dot2_groups(isa_, w0.panels)),
+                                   std::max<int64_t>(1, (kMinItems + rows - 1) / rows));
   const int64_t per_item = (w0.panels + pgroups - 1) / pgroups;
   const DotFn dot = isa_->dot;
   const Dot2Fn dot2 = isa_->dot2;
@@ -469,8 +509,14 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
     const int64_t p_end = std::min(wg.panels, (pg + 1) * per_item);
     auto store = [&](const int32_t* t, const PanelEpilogue& pe, int64_t p, int64_t ox0, int np) {
       const int64_t nk = std::min<int64_t>(kPanel, Kg - p * kPanel);
-      epilogue(t, np, pe.zc, pe.mul, pe.add, lo, hi, ftile);
-      store_channels(ftile, np, nk, y + ((n * s.K + g * Kg + p * kPanel) * OH + oy) * OW + ox0, OH * OW);
+      const int64_t at = ((n * s.K + g * Kg + p * kPanel) * OH + oy) * OW + ox0;
+      if (residual != nullptr) {  // the clamp after the residual Add
+        epilogue(t, np, pe.zc, pe.mul, pe.add, -kInf, kInf, ftile);
+        store_channels_residual(ftile, np, nk, residual + at, lo, hi, y + at, OH * OW);
+      } else {
+        epilogue(t, np, pe.zc, pe.mul, pe.add, lo, hi, ftile);
+        store_channels(ftile, np, nk, y + at, OH * OW);
+      }
     };
     for (int64_t p = pg * per_item; p < p_end;) {
       const bool pair = dot2 != nullptr && p + 1 < p_end;
@@ -501,7 +547,7 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
 
 void W2A8Conv::run_depthwise(OrtKernelContext* context, const float* x, int64_t N, int64_t H, int64_t W,
                              int64_t OH, int64_t OW, const ActQuant& q, const float* mul, const float* bias,
-                             float lo, float hi, float* y) const {
+                             float lo, float hi, const float* residual, float* y) const {
   const W2A8ConvShape& s = s_;
   const int64_t C = s.group, Kg = s.K / s.group, taps = s.kH * s.kW;
   const int64_t Hp = H + s.pt + s.pb, Wp = W + s.pl + s.pr;
@@ -544,7 +590,12 @@ void W2A8Conv::run_depthwise(OrtKernelContext* context, const float* x, int64_t 
         int32_t* a = acc.data();
         if (OW != Wp)
           for (int64_t i = 1; i < r1 - r0; ++i) std::memmove(a + i * OW, a + i * Wp, sizeof(int32_t) * size_t(OW));
-        scale_row(a, (r1 - r0) * OW, zc, m, bi, lo, hi, out + r0 * OW);
+        if (residual != nullptr) {
+          scale_row(a, (r1 - r0) * OW, zc, m, bi, -kInf, kInf, out + r0 * OW);
+          add_residual(out + r0 * OW, residual + (n * s.K + k) * OH * OW + r0 * OW, (r1 - r0) * OW, lo, hi);
+        } else {
+          scale_row(a, (r1 - r0) * OW, zc, m, bi, lo, hi, out + r0 * OW);
+        }
       }
     };
     parallel_for(context, static_cast<size_t>(N * s.K), work);
@@ -564,7 +615,12 @@ void W2A8Conv::run_depthwise(OrtKernelContext* context, const float* x, int64_t 
         const int64_t cnt = std::min(kChunkOut, OW - ox0);
         row_fn(src + oy * s.sh * Wp + ox0 * s.sw, Wp, wk, int(s.kH), int(s.kW), int(s.dh), int(s.dw), int(s.sw), cnt,
                acc);
-        scale_row(acc, cnt, zc, m, bi, lo, hi, dst + ox0);
+        if (residual != nullptr) {
+          scale_row(acc, cnt, zc, m, bi, -kInf, kInf, dst + ox0);
+          add_residual(dst + ox0, residual + ((n * s.K + k) * OH + oy) * OW + ox0, cnt, lo, hi);
+        } else {
+          scale_row(acc, cnt, zc, m, bi, lo, hi, dst + ox0);
+        }
       }
     }
   };
@@ -602,7 +658,8 @@ void W2A8Gemm::run(OrtKernelContext* context, const float* x, int64_t M, const A
   mul.resize(static_cast<size_t>(N));
   for (int64_t n = 0; n < N; ++n) mul[n] = alpha[n] * q.scale;
   const int64_t runs = (M + kMaxRun - 1) / kMaxRun;
-  const int64_t pgroups = std::min(w_.panels, std::max<int64_t>(1, (kMinItems + runs - 1) / runs));
+  const int64_t pgroups = std::min(std::max<int64_t>(1, dot2_groups(isa_, w_.panels)),
+                                   std::max<int64_t>(1, (kMinItems + runs - 1) / runs));
   const int64_t per_item = (w_.panels + pgroups - 1) / pgroups;
   const DotFn dot = isa_->dot;
   const Dot2Fn dot2 = isa_->dot2;

@@ -30,6 +30,9 @@ ActAttrs read_act_attrs(const OrtApi& api, const OrtKernelInfo* info, const char
 // The fused activation; NaN stays NaN.
 inline float clamp_out(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+// A fused residual Add: y[i] = clamp_out(y[i] + r[i], lo, hi), i < n (y holds the unclamped op output).
+void add_residual(float* y, const float* r, int64_t n, float lo, float hi);
+
 // Per-tensor quantization of this run's input: the static one, or min/max of x.
 ActQuant run_quant(const ActAttrs& act, OrtKernelContext* context, const float* x, int64_t count);
 
@@ -43,14 +46,16 @@ struct W2A8ConvShape {
 class W2A8Conv {
  public:
   W2A8Conv(const W2A8ConvShape& shape, const int8_t* dense);
-  // x [N, C, H, W] -> y [N, K, OH, OW] (OH, OW as computed by the caller).
+  // x [N, C, H, W] -> y [N, K, OH, OW] (OH, OW as computed by the caller). residual (nullable): a float
+  // tensor of y's shape added after the bias, before the clamp to [lo, hi] (a fused residual Add).
   void run(OrtKernelContext* context, const float* x, int64_t N, int64_t H, int64_t W, int64_t OH, int64_t OW,
-           const ActQuant& q, const float* alpha, const float* bias, float lo, float hi, float* y) const;
+           const ActQuant& q, const float* alpha, const float* bias, float lo, float hi, const float* residual,
+           float* y) const;
 
  private:
   void run_depthwise(OrtKernelContext* context, const float* x, int64_t N, int64_t H, int64_t W, int64_t OH,
                      int64_t OW, const ActQuant& q, const float* mul, const float* bias, float lo, float hi,
-                     float* y) const;
+                     const float* residual, float* y) const;
   W2A8ConvShape s_;
   const W2A8Isa* isa_;
   bool depthwise_ = false;     // Cg == 1: planar rows instead of channel quads

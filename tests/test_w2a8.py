@@ -183,6 +183,68 @@ def test_fused_activation(activation, lo, hi):
                                   np.clip(run_ternary(plain, {"X": x}), np.float32(lo), np.float32(hi)))
 
 
+def residual_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The one-node model with its TernaryConv given input 4, a residual R (a graph input)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    node = model.graph.node[0]
+    while len(node.input) < 4:
+        node.input.append("")
+    node.input.append("R")
+    model.graph.input.append(helper.make_tensor_value_info("R", onnx.TensorProto.FLOAT, None))
+    return model
+
+
+# conv cases (index into CONV_CASES) for the fused residual: 3x3, strided with 5 channels, 64 channels,
+# depthwise strided/dilated, depthwise multiplier 2; plus a depthwise case with unequal strides.
+RESIDUAL_CASES = [CONV_CASES[i] for i in (0, 1, 2, 5, 6, 9)] + [
+    (1, 1, 1, 5, 9, 14, 3, 3, (1, 2), (1, 1, 1, 1), (1, 1))]
+
+
+@pytest.mark.parametrize("act", [None, dict(activation="Relu"),
+                                 dict(activation="Clip", clip_min=-0.5, clip_max=1.5)], ids=["none", "relu", "clip"])
+@pytest.mark.parametrize("case", RESIDUAL_CASES, ids=[str(i) for i in range(len(RESIDUAL_CASES))])
+@pytest.mark.parametrize("w2a8", [True, False], ids=["w2a8", "float"])
+def test_fused_residual_equals_add_then_activation(case, act, w2a8):
+    """Input 4 (residual) is added after the bias and before the fused activation, bit for bit as the graph
+    TernaryConv -> Add(residual) -> Relu/Clip computes it, on the W2A8 path (also against the integer
+    reference) and on the float path."""
+    require_library()
+    rng = np.random.default_rng(17)
+    n, cg, kg, group, h, w, kh, kw, strides, pads, dilations = case
+    k = kg * group
+    t = ternary(rng, (k, cg, kh, kw))
+    alpha = rng.uniform(0.5, 1.5, k).astype(np.float32)
+    bias = rng.normal(size=k).astype(np.float32)
+    attrs = conv_attrs(t.shape, strides, pads, dilations, group)
+    x = rng.normal(size=(n, cg * group, h, w)).astype(np.float32) * 2
+    quant = dict(act_scale=0.03, act_zero_point=117) if w2a8 else {}
+    plain = ternary_node_model("TernaryConv", pack_ternary(t), alpha, bias, **attrs, **quant)
+    y_plain = run_ternary(plain, {"X": x})
+    r = rng.normal(size=y_plain.shape).astype(np.float32) * 3
+    fused = residual_model(ternary_node_model("TernaryConv", pack_ternary(t), alpha, bias, **attrs, **quant,
+                                              **(act or {})))
+    lo = np.float32(0.0 if act and act["activation"] == "Relu" else act["clip_min"] if act else -np.inf)
+    hi = np.float32(act["clip_max"] if act and act["activation"] == "Clip" else np.inf)
+    expected = np.clip(y_plain + r, lo, hi)
+    for threads in (1, 2):
+        y = run_ternary(fused, {"X": x, "R": r}, intra_op_num_threads=threads)
+        np.testing.assert_array_equal(y, expected)
+    if w2a8:
+        ref = epilogue(int_conv(quantize(x, 0.03, 117), t, 117, attrs), alpha, bias, 0.03, 1)
+        np.testing.assert_array_equal(y, np.clip(ref + r, lo, hi))
+    if act:
+        assert (y == lo).any() or (y == hi).any()
+
+
+def test_residual_of_the_wrong_shape_is_an_ort_error():
+    require_library()
+    model, x, t, alpha, bias, attrs = conv_case(3, CONV_CASES[0])
+    y = run_ternary(model, {"X": x})
+    bad = np.zeros((y.shape[0], y.shape[1], y.shape[2], y.shape[3] + 1), np.float32)
+    expect_ort_error(residual_model(model), {"X": x, "R": bad}, "residual has shape")
+    expect_ort_error(residual_model(model), {"X": x, "R": np.zeros(y.shape[1], np.float32)}, "residual has shape")
+
+
 def test_runtime_weights_and_threads():
     """Weights fed as graph inputs take the same path (repacked per run); 2 threads give identical results."""
     require_library()
@@ -258,6 +320,11 @@ _PATH_SCRIPT = textwrap.dedent(
         outs[f"conv{i}"] = run_ternary(model, {"X": x})
         model, x, *_ = tw.conv_case(200 + i, case, activation=dict(activation="Relu"))
         outs[f"relu{i}"] = run_ternary(model, {"X": x})
+    for i, case in enumerate(tw.RESIDUAL_CASES):
+        model, x, *_ = tw.conv_case(300 + i, case, activation=dict(activation="Relu"))
+        y = run_ternary(model, {"X": x})
+        r = np.random.default_rng(i).normal(size=y.shape).astype(np.float32)
+        outs[f"residual{i}"] = run_ternary(tw.residual_model(model), {"X": x, "R": r})
     for m, kin, n in tw.GEMM_CASES:
         model, x = tw.gemm_model(m, kin, n)
         outs[f"gemm{m}"] = run_ternary(model, {"X": x}, intra_op_num_threads=2)
@@ -445,13 +512,63 @@ def test_pass_on_zoo_models(name):
     assert ops and all("act_scale" in node_attrs(n) for n in ops)
     acts_before = sum(n.op_type in ("Relu", "Clip") for n in ternary_model.graph.node)
     fused = sum(node_attrs(n).get("activation") in ("Relu", "Clip") for n in ops)
-    assert fused and result.reports[0].details["fused_activations"] == fused
+    details = result.reports[0].details
+    with_residual = [n for n in ops if len(n.input) == 5]
+    assert len(with_residual) == details["fused_residuals"]
+    after_residual = sum(node_attrs(n).get("activation") in ("Relu", "Clip") for n in with_residual)
+    assert fused and details["fused_activations"] + after_residual == fused
     assert sum(n.op_type in ("Relu", "Clip") for n in out.graph.node) == acts_before - fused
+    adds_before = sum(n.op_type == "Add" for n in ternary_model.graph.node)
+    assert sum(n.op_type == "Add" for n in out.graph.node) == adds_before - len(with_residual)
+    if name == "resnet":
+        assert with_residual
     feeds = zoo.random_input(model, batch=16, seed=9)
     a = rt.session(out).run(None, feeds)[0].reshape(16, -1).astype(np.float64)
     b = rt.session(ternary_model).run(None, feeds)[0].reshape(16, -1).astype(np.float64)
     cosine = (a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b)
     assert cosine > 0.99, cosine
+
+
+def test_residual_fusion_is_exact():
+    """fuse_residuals folds each TernaryConv -> Add(residual) -> Relu of a calibrated w2a8 ResNet into the op
+    (its residual input and activation): the model's outputs are bit for bit those of the unfused graph, on one
+    thread and two, and the model passes validation (inspect's checks)."""
+    import onnx_graphsurgeon as gs
+
+    from ocomp.model import to_model
+    from ocomp.passes.w2a8 import fuse_residuals
+    from ocomp.errors import OcompError
+    from ocomp.validate import check_nodes
+
+    require_library()
+    model = infer_shapes(zoo.build("resnet", folded=True))
+    calib = zoo.random_input(model, batch=32, seed=1)["input"]
+    ternary_model = run_passes(model, ["ternary"], {"ternary": ALL_TERNARY}).model
+    plain = run_passes(ternary_model, ["w2a8"], {"w2a8": {"fuse": False}},
+                       calibration=dataset_from_arrays(model, {"input": calib})).model
+    assert not any(len(n.input) == 5 for n in ternary_nodes(plain))
+    graph = gs.import_onnx(plain)
+    nodes = [n for n in graph.nodes if n.domain == "ocomp"]
+    count = fuse_residuals(graph, nodes)
+    assert count > 0
+    fused = to_model(graph, plain)
+    check_nodes(fused)
+    residual_ops = [n for n in ternary_nodes(fused) if len(n.input) == 5]
+    assert len(residual_ops) == count and all(node_attrs(n).get("activation") == "Relu" for n in residual_ops)
+    assert sum(n.op_type == "Add" for n in fused.graph.node) == sum(n.op_type == "Add" for n in plain.graph.node) - count
+    # validation refuses a residual whose known shape is not the output's, as the runtime does
+    broken = onnx.ModelProto.FromString(fused.SerializeToString())
+    target = residual_ops[0].input[4]
+    info = next(v for v in list(broken.graph.value_info) + list(broken.graph.input) if v.name == target)
+    info.type.tensor_type.shape.dim[3].dim_value += 1
+    with pytest.raises(OcompError, match="residual .* must have the output's shape"):
+        check_nodes(broken)
+    feeds = zoo.random_input(model, batch=3, seed=4)
+    for threads in (1, 2):
+        a = rt.session(fused, intra_op_num_threads=threads).run(None, feeds)
+        b = rt.session(plain, intra_op_num_threads=threads).run(None, feeds)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
 
 
 def test_pass_without_calibration_is_dynamic():
