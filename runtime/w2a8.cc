@@ -496,6 +496,16 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
   const Dot2Fn dot2 = isa_->dot2;
   const EpilogueFn epilogue = isa_->epilogue;
   const int64_t ps = s.sw * Cp;
+  // Every panel's epilogue constants, once per call (not once per work item).
+  thread_local std::vector<PanelEpilogue> epi_tls;
+  std::vector<PanelEpilogue>& epi = epi_tls;
+  epi.resize(static_cast<size_t>(G * w0.panels));
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t p = 0; p < w0.panels; ++p) {
+      const int64_t nk = std::min<int64_t>(kPanel, Kg - p * kPanel);
+      epi[g * w0.panels + p].set(groups_[g].wsum.data() + p * kPanel, z, mul.data() + g * Kg + p * kPanel,
+                                 bias ? bias + g * Kg + p * kPanel : nullptr, nk);
+    }
   auto work = [&](size_t item) {
     const int64_t pg = int64_t(item) % pgroups, r = int64_t(item) / pgroups;
     const int64_t oy = r % OH, ng = r / OH, n = ng / G, g = ng % G;
@@ -503,9 +513,7 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
     const uint8_t* arow = buf + ng * block + oy * s.sh * Wp * Cp;
     alignas(64) int32_t tile[kMaxRun * kPanel];
     alignas(64) float ftile[kMaxRun * kPanel];
-    PanelEpilogue e;
     alignas(64) int32_t tile2[kMaxRun * kPanel];
-    PanelEpilogue e2;
     const int64_t p_end = std::min(wg.panels, (pg + 1) * per_item);
     auto store = [&](const int32_t* t, const PanelEpilogue& pe, int64_t p, int64_t ox0, int np) {
       const int64_t nk = std::min<int64_t>(kPanel, Kg - p * kPanel);
@@ -520,14 +528,9 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
     };
     for (int64_t p = pg * per_item; p < p_end;) {
       const bool pair = dot2 != nullptr && p + 1 < p_end;
-      const int64_t nk = std::min<int64_t>(kPanel, Kg - p * kPanel);
       const int32_t* wsum = wg.wsum.data() + p * kPanel;
-      e.set(wsum, z, mul.data() + g * Kg + p * kPanel, bias ? bias + g * Kg + p * kPanel : nullptr, nk);
-      if (pair) {
-        const int64_t nk2 = std::min<int64_t>(kPanel, Kg - (p + 1) * kPanel);
-        e2.set(wsum + kPanel, z, mul.data() + g * Kg + (p + 1) * kPanel,
-               bias ? bias + g * Kg + (p + 1) * kPanel : nullptr, nk2);
-      }
+      const PanelEpilogue& e = epi[g * w0.panels + p];
+      const PanelEpilogue& e2 = epi[g * w0.panels + (pair ? p + 1 : p)];
       for (int64_t ox0 = 0; ox0 < OW; ox0 += kMaxRun) {
         const int np = static_cast<int>(std::min<int64_t>(kMaxRun, OW - ox0));
         if (pair) {
