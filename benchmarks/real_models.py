@@ -51,12 +51,15 @@ BASE_CONFIGS = [
     ("ternary + bnrecal", "ocomp", "ternary,bnrecal,foldbn", {}),
     ("prune 0.3 + ternary", "ocomp", "prune,ternary", {"prune": {"ratio": 0.3}}),
     ("prune 0.3 + ternary + bnrecal", "ocomp", "prune,ternary,bnrecal,foldbn", {"prune": {"ratio": 0.3}}),
-    # beyond the issue's list: the bn criterion (README's main command) and SIMD-friendly kept channel counts
+    # beyond the issue's list: the bn criterion, and kept counts not rounded (the default rounds them up to a
+    # multiple of 8; benchmarks/prune_multiple.py compares 1, 4, 8 and 16)
     ("prune 0.3 (bn criterion) + bnrecal", "ocomp", "prune,bnrecal,foldbn",
      {"prune": {"ratio": 0.3, "criterion": "bn"}}),
-    ("prune 0.3 (multiple 8) + bnrecal", "ocomp", "prune,bnrecal,foldbn", {"prune": {"ratio": 0.3, "multiple": 8}}),
-    ("prune 0.3 (multiple 8) + ternary + bnrecal", "ocomp", "prune,ternary,bnrecal,foldbn",
-     {"prune": {"ratio": 0.3, "multiple": 8}}),
+    ("prune 0.3 (multiple 1) + bnrecal", "ocomp", "prune,bnrecal,foldbn", {"prune": {"ratio": 0.3, "multiple": 1}}),
+    ("prune 0.3 (multiple 1) + ternary + bnrecal", "ocomp", "prune,ternary,bnrecal,foldbn",
+     {"prune": {"ratio": 0.3, "multiple": 1}}),
+    ("prune 0.3 (multiple 1) + ternary + bnrecal + w2a8", "ocomp", "prune,ternary,bnrecal,foldbn,w2a8",
+     {"prune": {"ratio": 0.3, "multiple": 1}}),
     ("prune 0.5 + ternary + bnrecal", "ocomp", "prune,ternary,bnrecal,foldbn", {"prune": {"ratio": 0.5}}),
     # int8 activations for the ternary ops (issue #13): the runtime's W2A8 path against onnxruntime's int8
     ("ternary + bnrecal + w2a8", "ocomp", "ternary,bnrecal,foldbn,w2a8", {}),
@@ -540,6 +543,8 @@ def write_markdown(result: dict, path: Path, title: str = "ocomp real-model benc
              "- `+ w2a8` rows append the w2a8 pass (int8 activations for the ternary ops, per-tensor ranges "
              "from the calibration data): their ternary ops run the runtime's W2A8 kernels (the path in the "
              "machine line), the rows to compare with ORT int8.",
+             "- Prune rows round kept channel counts up to a multiple of 8 (the default) unless the row says "
+             "`(multiple 1)`.",
              "- Prune rows use the default criterion unless the row says otherwise: `energy` (measured on the calibration data) in every `+ bnrecal` row, which is given the calibration data, `l1` in the rows without it.",
              f"- Latency: median of {result['rounds']} interleaved rounds x {result['reps']} runs at batch 1, one "
              "global onnxruntime thread pool per thread count (a subprocess each), "

@@ -461,7 +461,7 @@ def test_reconstruct_recovers_pruned_resnet20(shared_dir: Path) -> None:
     data = dataset_from_arrays(model, calib["images"][:64].astype(np.float32) / 255.0)
 
     def accuracy(reconstruct: bool) -> float:
-        options = {"prune": {"ratio": 0.3, "criterion": "l1"}, "bnrecal": {"reconstruct": reconstruct}}
+        options = {"prune": {"ratio": 0.3, "criterion": "l1", "multiple": 1}, "bnrecal": {"reconstruct": reconstruct}}
         out = run_passes(model, ["prune", "bnrecal"], options, calibration=data, reference=model).model
         return float((session(out).run(None, {"input": images})[0].argmax(1) == labels).mean())
 

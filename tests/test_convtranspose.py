@@ -72,7 +72,7 @@ def test_analysis_groups_conv_transpose_channels() -> None:
 
 def test_dead_channels_removed_exactly_through_conv_transpose() -> None:
     model = decoder(zero_mid=(1, 4, 9, 12), zero_up=(0, 5, 7))
-    result = run_passes(model, ["prune"], {"prune": {"ratio": 0.25}})
+    result = run_passes(model, ["prune"], {"prune": {"ratio": 0.25, "multiple": 1}})
     pruned = result.model
     weights = {i.name: numpy_helper.to_array(i) for i in pruned.graph.initializer}
     up = next(n for n in pruned.graph.node if n.op_type == "ConvTranspose")

@@ -15,7 +15,7 @@ from ocomp.errors import UsageError
 from ocomp.model import infer_shapes, load_model, signature, to_graph, to_model
 from ocomp.layers import layer_of
 from ocomp.passes.channels import DEPTHWISE, NORM, PRODUCER_KINDS, analyze
-from ocomp.passes.prune import prune_graph
+from ocomp.passes.prune import PruneSettings, prune_graph
 from ocomp.session import make_session
 from ocomp.pipeline import KeptChannels, resolve_options, run_passes
 
@@ -30,6 +30,8 @@ def prepared(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def prune(model: onnx.ModelProto, state: KeptChannels | None = None, calibration=None, **options):
+    """The prune pass; kept counts exact (multiple 1) unless the test names a multiple."""
+    options.setdefault("multiple", 1)
     result = run_passes(model, ["prune"], {"prune": options}, kept_channels=state, calibration=calibration)
     return result.model, result.reports[0]
 
@@ -234,6 +236,19 @@ def test_multiple_rounds_kept_counts_up():
             assert channels[p.name] == want and (want % 8 == 0 or want == g.size)
 
 
+def test_default_multiple_is_8():
+    """Without the option, kept counts are rounded up to a multiple of 8 (what the kernels want)."""
+    model = prepared(zoo.build("mobilenetv2"))
+    result = run_passes(model, ["prune"], {"prune": {"ratio": 0.3}})
+    channels = out_channels(result.model)
+    groups = prunable_groups(model)
+    assert any(expected_kept(g.size, 0.3) % 8 for g in groups), "the case must need rounding"
+    for g in groups:
+        want = min(g.size, math.ceil(expected_kept(g.size, 0.3) / 8) * 8)
+        for p in g.producers:
+            assert channels[p.name] == want
+
+
 def test_skip_and_layer_overrides():
     model = prepared(zoo.build("resnet"))
     pruned, report = prune(model, ratio=0.25, skip=["layer2.0.conv1"], layer=["layer1.0.conv1=0.5"])
@@ -365,7 +380,7 @@ def test_nonzero_constant_channel_not_folded_through_padding():
 
 def test_prune_graph_api_takes_group_ratios():
     graph = to_graph(prepared(zoo.build("inception")))
-    result = prune_graph(graph, {"mixed.branch3x3_2.conv": 0.5, "stem.conv": 0.25})
+    result = prune_graph(graph, {"mixed.branch3x3_2.conv": 0.5, "stem.conv": 0.25}, PruneSettings(multiple=1))
     assert len(result.kept["mixed.branch3x3_2.conv"]) == 12 and len(result.kept["stem.conv"]) == 24
     assert {g.id for g in result.groups} == {"mixed.branch3x3_2.conv", "stem.conv"}
     with pytest.raises(UsageError, match="no channel group"):
