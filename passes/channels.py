@@ -189,6 +189,16 @@ class ChannelAnalysis:
                 seen.setdefault(g.id, g)
         return list(seen.values())
 
+    def shared_tensor(self, group: ChannelGroup) -> str | None:
+        """A tensor carrying this group's channels beside other channels (another group's, or channels that
+        never change: a channel Pad or Concat), or None when every tensor of the group holds only it."""
+        for name, _ in group.members:
+            layout = self.layouts.get(name)
+            if layout is not None and any(s.atom is None or self._find(s.atom) != group.root
+                                          for s in layout.segments):
+                return name
+        return None
+
     def positions(self, tensor: str, group_id: str, channels: Iterable[int] | None = None) -> np.ndarray:
         """Indices along `tensor`'s channel axis holding the given channels of group `group_id`, flattened."""
         return self.position_matrix(tensor, group_id, channels).ravel()

@@ -79,6 +79,7 @@ class GroupResult:
     criterion: str
     dead_removed: int = 0
     note: str = ""
+    unrounded: str | None = None  # the tensor it shares with other channels, when the multiple was not applied
 
 
 @dataclass
@@ -253,9 +254,13 @@ def prune_graph(graph: gs.Graph, ratios: Mapping[str, float], settings: PruneSet
             continue
         dead = dead_channels(graph, group, analysis, values) if values else np.zeros(group.size, dtype=bool)
         score, used, note = scores(group, analysis, settings.criterion, activations)
-        kept = select_channels(score, dead, ratio, settings.multiple, settings.min_channels)
+        # A group that shares a tensor with other channels (a channel Pad or Concat) is one summand of that
+        # tensor's width: rounding its own count aligns nothing, it only keeps channels. The ratio applies.
+        shared = analysis.shared_tensor(group) if settings.multiple > 1 else None
+        kept = select_channels(score, dead, ratio, 1 if shared else settings.multiple, settings.min_channels)
         removed_dead = np.setdiff1d(np.flatnonzero(dead), kept)
-        result.groups.append(GroupResult(group.id, group.size, len(kept), ratio, used, len(removed_dead), note))
+        result.groups.append(GroupResult(group.id, group.size, len(kept), ratio, used, len(removed_dead), note,
+                                         shared))
         if len(kept) < group.size:
             result.kept[group.id] = kept
         if len(removed_dead):
@@ -278,9 +283,12 @@ def fill_report(report: Report, result: PruneResult, criterion: str, notes: Mapp
     """Per-layer rows, pinned groups and details; `notes` adds a note to the rows of a group."""
     analysis = result.analysis
     used = {g.id: g.criterion for g in result.groups}  # bn falls back to l1 in groups without a BN
+    unrounded = {g.id: g.unrounded for g in result.groups if g.unrounded}
     for row in result.layers:
         note = (f"out {row['out_before']}->{row['out_after']}, in {row['in_before']}->{row['in_after']}; "
                 f"group {row['group']}; criterion {used.get(row['group'], 'none (group unchanged)')}")
+        if row["group"] in unrounded:
+            note += f"; count not rounded to the multiple: shares {unrounded[row['group']]} with other channels"
         if row["group"] in notes:
             note += f"; {notes[row['group']]}"
         report.change(row["name"], row["op"], row["before"], row["after"], row["params_before"],
@@ -297,7 +305,8 @@ def fill_report(report: Report, result: PruneResult, criterion: str, notes: Mapp
         criterion=criterion,
         dead_channels_removed=result.dead_removed,
         groups=[dict(id=g.id, channels_before=g.size, channels_after=g.kept_count, ratio=g.ratio,
-                     dead_removed=g.dead_removed, criterion=g.criterion, note=g.note) for g in result.groups],
+                     dead_removed=g.dead_removed, criterion=g.criterion, note=g.note, unrounded=g.unrounded)
+                for g in result.groups],
         pinned_groups=pinned,
         layers=[dict(row) for row in result.layers],
     )

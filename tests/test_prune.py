@@ -462,6 +462,23 @@ def test_blazeface_live_pruning_is_valid(ratio):
     assert len(state.by_tensor["block5.relu.output"]) == sum(kept.values())
 
 
+def test_multiple_not_applied_to_groups_sharing_a_tensor():
+    """BlazeFace's padded shortcuts: every group is a slice of wider tensors ([stem 8 | zeros 4] + block
+    conv), so rounding a group's count would align no tensor; those groups are pruned at the ratio and the
+    report says why. A group owning its tensors (ResNet's) is still rounded."""
+    model = prepared(zoo.build_blazeface())
+    result = run_passes(model, ["prune"], {"prune": {"ratio": 0.3, "multiple": 8}})
+    channels = out_channels(result.model)
+    assert channels["stem"] == expected_kept(8, 0.3) < 8
+    groups = {g["id"]: g for g in result.reports[0].details["groups"]}
+    assert groups["stem"]["unrounded"] and groups["stem"]["channels_after"] == expected_kept(8, 0.3)
+    assert any("count not rounded to the multiple: shares" in c.note for c in result.reports[0].layers
+               if c.name == "stem")
+    resnet = prepared(zoo.build("resnet"))
+    report = run_passes(resnet, ["prune"], {"prune": {"ratio": 0.3, "multiple": 8}}).reports[0]
+    assert all(g["unrounded"] is None for g in report.details["groups"])
+
+
 @pytest.mark.parametrize("criterion", ["activation", "energy"])
 def test_blazeface_data_criteria(criterion):
     model = prepared(zoo.build_blazeface())
@@ -545,8 +562,10 @@ def test_real_pplcnet(shared_dir):
 
 
 def test_real_blazeface_prunes_through_padded_shortcuts(shared_dir):
+    """At the default options (kept counts rounded to 8 where a group owns its tensors)."""
     model = load_model(shared_dir / "blazeface_front_128.onnx")
-    pruned, report = prune(model, ratio=0.3)
+    result = run_passes(model, ["prune"], {"prune": {"ratio": 0.3}})
+    pruned, report = result.model, result.reports[0]
     assert report.totals["params_after"] <= 0.85 * report.totals["params_before"]
     onnx.checker.check_model(pruned, full_check=True)
     assert signature(pruned) == signature(model)
