@@ -81,10 +81,11 @@ def reset_peak() -> bool:
     return True
 
 
-def measure_here(model_path: str, sample_path: str, input_name: str, runs: int = RUNS) -> dict:
+def measure_here(model_path: str, sample_path: str, input_name: str, runs: int = RUNS,
+                 options: dict | None = None) -> dict:
     """In this (fresh) process: the baseline after importing onnxruntime and registering the ocomp library, then
-    the peak and final RSS after making the session with ocomp.session.make_session (one thread) and `runs` runs
-    at batch 1. Bytes."""
+    the peak and final RSS after making the session with ocomp.session.make_session (one thread, `options` as
+    further SessionOptions attributes) and `runs` runs at batch 1. Bytes."""
     import onnxruntime  # noqa: F401  (counted in the baseline)
 
     import ocomp.runtime as rt
@@ -96,10 +97,12 @@ def measure_here(model_path: str, sample_path: str, input_name: str, runs: int =
     gc.collect()
     base = proc_status()["VmRSS"]
     peak_reset = reset_peak()
-    sess = make_session(data, threads=1)
+    sess = make_session(data, threads=1, **(options or {}))
     created = proc_status()["VmRSS"]
+    first = None
     for _ in range(runs):
         sess.run(None, feed)
+        first = first or proc_status()["VmRSS"]
     status = proc_status()
     so = sess.get_session_options()
     options = {k: (str(getattr(so, k)) if k == "graph_optimization_level" else getattr(so, k))
@@ -107,12 +110,13 @@ def measure_here(model_path: str, sample_path: str, input_name: str, runs: int =
                          "enable_cpu_mem_arena", "enable_mem_pattern", "execution_mode")}
     options["execution_mode"] = str(options["execution_mode"])
     del sess, holder
-    return {"baseline": base, "after_create": created, "peak": status["VmHWM"], "after": status["VmRSS"],
+    return {"baseline": base, "after_create": created, "after_first": first, "peak": status["VmHWM"],
+            "after": status["VmRSS"],
             "peak_reset": peak_reset, "session_options": options}
 
 
 def measure(model_path: Path, sample: np.ndarray, input_name: str, workdir: Path, repeats: int = REPEATS,
-            runs: int = RUNS) -> dict:
+            runs: int = RUNS, options: dict | None = None) -> dict:
     """`repeats` fresh subprocesses of measure_here; medians of session memory (peak - baseline), of the RSS
     growth after session creation and after the runs, plus every raw figure."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -123,12 +127,13 @@ def measure(model_path: Path, sample: np.ndarray, input_name: str, workdir: Path
     raw = []
     for _ in range(repeats):
         proc = subprocess.run([sys.executable, __file__, "--worker", str(model_path), str(sample_path), input_name,
-                               str(runs)], capture_output=True, text=True, env=env, cwd=workdir)
+                               str(runs), json.dumps(options or {})], capture_output=True, text=True, env=env, cwd=workdir)
         if proc.returncode != 0:
             raise RuntimeError(f"memory subprocess failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:300]}")
         raw.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return {"session_bytes": statistics.median(r["peak"] - r["baseline"] for r in raw),
             "create_bytes": statistics.median(r["after_create"] - r["baseline"] for r in raw),
+            "first_bytes": statistics.median(r["after_first"] - r["baseline"] for r in raw),
             "after_bytes": statistics.median(r["after"] - r["baseline"] for r in raw),
             "baseline_bytes": statistics.median(r["baseline"] for r in raw),
             "file_bytes": Path(model_path).stat().st_size, "session_options": raw[0]["session_options"],
@@ -191,6 +196,7 @@ def build_models(name: str, shared: Path, workdir: Path, log) -> tuple[dict, dic
     return data, paths, errors
 
 
+NO_PATTERN = {"enable_mem_pattern": False}  # the diagnostic column: onnxruntime's memory pattern off
 FLOOR = "floor: a one-Relu model (same input)"
 
 
@@ -241,6 +247,8 @@ def run(names: list[str], shared: Path, workdir: Path, repeats: int, runs: int, 
                 log(f"{name}: measuring {label}")
                 try:
                     row.update(measure(paths[label], sample, data["input"], workdir / name / "mem", repeats, runs))
+                    row["no_pattern"] = measure(paths[label], sample, data["input"], workdir / name / "mem", repeats,
+                                                runs, NO_PATTERN)
                     row["layers"] = layer_census(paths[label])
                 except Exception as exc:  # noqa: BLE001
                     row["error"] = real_models._error_text(exc)
@@ -264,9 +272,14 @@ def verdicts(model: dict) -> list[str]:
         floor = rows.get(FLOOR)
         above = (f"; above the floor row: {(row['session_bytes'] - floor['session_bytes']) / MB:.2f} vs "
                  f"{(int8['session_bytes'] - floor['session_bytes']) / MB:.2f} MB" if floor else "")
-        out.append(f"{label}: {row['session_bytes'] / MB:.2f} MB vs int8 {int8['session_bytes'] / MB:.2f} MB "
-                   f"({row['session_bytes'] / int8['session_bytes']:.2f}x{above}): "
-                   f"{'HOLDS (<= int8)' if ok else 'DOES NOT HOLD (> int8)'}")
+        line = (f"{label}: {row['session_bytes'] / MB:.2f} MB vs int8 {int8['session_bytes'] / MB:.2f} MB "
+                f"({row['session_bytes'] / int8['session_bytes']:.2f}x{above}): "
+                f"{'HOLDS (<= int8)' if ok else 'DOES NOT HOLD (> int8)'}")
+        if "no_pattern" in row and "no_pattern" in int8:
+            a, b = row["no_pattern"]["session_bytes"], int8["no_pattern"]["session_bytes"]
+            line += (f"; with enable_mem_pattern=False: {a / MB:.2f} vs {b / MB:.2f} MB "
+                     f"({'<=' if a <= b else '>'} int8)")
+        out.append(line)
     return out
 
 
@@ -297,7 +310,14 @@ def write_markdown(result: dict, path: Path) -> None:
              "and int8 weights; the ocomp kernels' repacked 2-bit panels, made at kernel creation), the CPU "
              "arena's activation buffers (memory pattern planned), each kernel's scratch buffers, and the code "
              "and data pages of onnxruntime / the ocomp library first touched by these runs. `create MB`: VmRSS "
-             "right after the session was made; `after MB`: VmRSS after the runs (both minus the baseline).",
+             "right after the session was made, `after 1 run MB` after the first run, `after N runs MB` after the last "
+             "(all minus the baseline; glibc keeps freed heap memory, so RSS does not fall when the session frees "
+             "its parse-time copies, and later allocations reuse it).",
+             "- `session MB, mem pattern off`: the same measurement (fresh subprocesses) with "
+             "`enable_mem_pattern=False`, a diagnostic column: with the memory pattern on, onnxruntime allocates "
+             "each activation separately from its CPU arena in the first run, records the pattern, and from the "
+             "second run allocates the whole pattern as one block; the arena keeps the first run's chunks, so the "
+             "activations can be held twice (compare `after 1 run` with `after N runs`).",
              f"- onnxruntime session options (as read back from the session): "
              + ", ".join(f"{k}={v}" for k, v in opts.items()) + "; CPU execution provider only; "
              "log_severity_level=4. The ocomp library is registered on every session (also the fp32 and int8 "
@@ -308,14 +328,17 @@ def write_markdown(result: dict, path: Path) -> None:
              "prune: ratio 0.3, multiple 1 (given explicitly).", ""]
     for model in result["models"]:
         lines += [f"## {model['model']} ({model['file']})", "", model["note"] + ".", "",
-                  "| config | session MB (peak) | create MB | after MB | file KB | weighted ops |",
-                  "|---|---|---|---|---|---|"]
+                  f"| config | session MB (peak) | create MB | after 1 run MB | after {result['runs']} runs MB | "
+                  "session MB, mem pattern off | file KB | weighted ops |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in model["rows"]:
             if "error" in r:
-                lines.append(f"| {r['config']} | ERROR: {r['error'].replace('|', '/')} | | | | |")
+                lines.append(f"| {r['config']} | ERROR: {r['error'].replace('|', '/')} | | | | | | |")
                 continue
+            off = f"{r['no_pattern']['session_bytes'] / MB:.2f}" if "no_pattern" in r else "—"
             lines.append(f"| {r['config']} | {r['session_bytes'] / MB:.2f} | {r['create_bytes'] / MB:.2f} | "
-                         f"{r['after_bytes'] / MB:.2f} | {r['file_bytes'] / 1024:.1f} | {r['layers']} |")
+                         f"{r['first_bytes'] / MB:.2f} | {r['after_bytes'] / MB:.2f} | {off} | "
+                         f"{r['file_bytes'] / 1024:.1f} | {r['layers']} |")
         lines.append("")
         lines += [f"- {v}" for v in verdicts(model)]
         spread = [r["config"] + ": " + ", ".join(f"{(x['peak'] - x['baseline']) / MB:.2f}" for x in r["raw"])
@@ -329,8 +352,8 @@ def write_markdown(result: dict, path: Path) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--worker":
-        model, sample, input_name, runs = argv[1:5]
-        print(json.dumps(measure_here(model, sample, input_name, int(runs))))
+        model, sample, input_name, runs, options = argv[1:6]
+        print(json.dumps(measure_here(model, sample, input_name, int(runs), json.loads(options))))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),

@@ -46,12 +46,15 @@ def test_measure_counts_the_weights_and_the_peak(tmp_path):
         assert result["session_options"]["intra_op_num_threads"] == 1
         for raw in result["raw"]:
             assert raw["baseline"] > 0
-            assert raw["peak"] >= max(raw["after_create"], raw["after"])  # the peak is a peak
+            assert raw["peak"] >= max(raw["after_create"], raw["after_first"], raw["after"])  # the peak is a peak
         assert result["session_bytes"] >= result["create_bytes"] - 64 * 1024  # medians of per-run figures
     assert len(big["raw"]) == 2
     # the 16 MiB weight is resident in the session (as an initializer or pre-packed), the one-Relu model holds none
     assert big["session_bytes"] - floor["session_bytes"] >= 15 * MIB, (big["session_bytes"], floor["session_bytes"])
     assert floor["session_bytes"] < 64 * MIB
+    # SessionOptions reach the session (read back from it in the worker)
+    off = sm.measure(tmp_path / "big.onnx", x, "x", tmp_path / "work", repeats=1, runs=2, options=sm.NO_PATTERN)
+    assert off["session_options"]["enable_mem_pattern"] is False and big["session_options"]["enable_mem_pattern"]
 
 
 def test_measure_runs_a_w2a8_model(tmp_path):
@@ -71,9 +74,10 @@ def test_measure_runs_a_w2a8_model(tmp_path):
 
 def test_markdown_verdicts_follow_the_figures(tmp_path):
     def row(label, mb):
-        raw = [{"baseline": 100 * MIB, "after_create": 100 * MIB, "peak": int((100 + mb) * MIB),
-                "after": 100 * MIB}]
-        return {"config": label, "session_bytes": mb * MIB, "create_bytes": 0, "after_bytes": 0, "file_bytes": 1024,
+        raw = [{"baseline": 100 * MIB, "after_create": 100 * MIB, "after_first": 100 * MIB,
+                "peak": int((100 + mb) * MIB), "after": 100 * MIB}]
+        return {"config": label, "session_bytes": mb * MIB, "create_bytes": 0, "first_bytes": 0, "after_bytes": 0,
+                "file_bytes": 1024, "no_pattern": {"session_bytes": (mb - 1) * MIB},
                 "layers": "1 Conv", "raw": raw, "peak_reset": True, "session_options": {"intra_op_num_threads": 1}}
 
     rows = [row(sm.FLOOR, 9.0), row(sm.real_models.INT8_U8S8, 12.0), row("ternary + bnrecal + w2a8", 11.0),
@@ -82,9 +86,10 @@ def test_markdown_verdicts_follow_the_figures(tmp_path):
               "seconds": 1.0, "repeats": 1, "runs": 20, "notes": []}
     sm.write_markdown(result, tmp_path / "MEMORY.md")
     text = (tmp_path / "MEMORY.md").read_text()
-    assert "| ternary + bnrecal + w2a8 | 11.00 |" in text
+    assert "| ternary + bnrecal + w2a8 | 11.00 | 0.00 | 0.00 | 0.00 | 10.00 | 1.0 | 1 Conv |" in text
     assert "ternary + bnrecal + w2a8: 11.00 MB vs int8 12.00 MB (0.92x; above the floor row: 2.00 vs 3.00 MB): " \
            "HOLDS" in text
+    assert "; with enable_mem_pattern=False: 10.00 vs 11.00 MB (<= int8)" in text
     assert "prune 0.3 + ternary + bnrecal + w2a8: 13.00 MB vs int8 12.00 MB" in text
     assert "DOES NOT HOLD" in text.split("prune 0.3 + ternary + bnrecal + w2a8: 13.00 MB")[1].splitlines()[0]
     assert "ocomp W2A8 path:" in text and "flags:" in text
