@@ -4,8 +4,8 @@ Pruning and ternarization shift every later layer's activations. Without retrain
 few hundred real inputs recover most of the loss; each layer is repaired on the inputs it gets from the
 already repaired layers before it:
 
-1. reconstruction (passes/reconstruct.py): every group-1 Conv/Gemm/MatMul whose input channels were
-   pruned, and every ternary op, is re-fitted by least squares against the original model's output at the
+1. reconstruction (passes/reconstruct.py): every group-1 or depthwise Conv, Gemm, MatMul whose input
+   channels were pruned, and every ternary op, is re-fitted by least squares against the original model's output at the
    same tensor (on ResNet-20 / Fashion-MNIST: prune 0.3 + bnrecal 60.1% -> 91.2% top-1);
 2. adaptive BN (passes/bnstats.py): every BatchNormalization gets the statistics of its current input;
 3. bias correction (passes/bnstats.py) of layers not followed by a BN, against the original model.
@@ -29,7 +29,7 @@ from ocomp.pipeline import Context, Option, Pass, Report, mebibytes, non_negativ
 from ocomp.sweep import DEFAULT_BUDGET, Calibration, Sweep
 
 from .bnstats import ChannelStats, Target, correct, reference_stats, set_bn, targets, usable_bns
-from .reconstruct import DESCENT_SWEEPS, Equations, Fit, fits
+from .reconstruct import DESCENT_SWEEPS, Fit, fits
 
 
 
@@ -46,10 +46,10 @@ class BNRecal(Pass):
         Option("match_std", bool, True, "bias correction also scales each channel to the reference std "
                "(off: mean-only bias correction, which cannot undo the variance change of ternary or pruned "
                "BN-folded layers)"),
-        Option("reconstruct", bool, True, "re-fit, before the statistics, every group-1 Conv/Gemm/MatMul whose "
-               "input channels were pruned and every ternary op, by least squares against the original model's "
-               "output at the same tensor (feature-map reconstruction; a ternary op is ternarized again and its "
-               "alpha/bias solved); needs the original model"),
+        Option("reconstruct", bool, True, "re-fit, before the statistics, every group-1 or depthwise Conv, Gemm, "
+               "MatMul whose input channels were pruned and every ternary op, by least squares against the original "
+               "model's output at the same tensor (feature-map reconstruction; a ternary op is ternarized again and "
+               "its alpha/bias solved); needs the original model"),
         Option("error_feedback", bool, True, "when re-fitting a ternary op, choose its codes by GPTQ-style error "
                "feedback on the layer's real inputs (ocomp/gptq.py) instead of rounding each row (off: rounding), "
                "as the start of the coordinate descent (--bnrecal-descent); measured with descent, against "
@@ -156,7 +156,7 @@ def _recalibrate_bn(graph: gs.Graph, bn: gs.Node, current: Sweep, original: Swee
 def _reconstruct(graph: gs.Graph, fit: Fit, current: Sweep, original: Sweep, report: Report) -> None:
     x = current.get([fit.x])[fit.x]
     y = original.get([fit.y])[fit.y]
-    equations = Equations()
+    equations = fit.equations()
     for b, (lo, hi) in enumerate(current.calibration.bounds):
         rows, wanted = fit.rows(x[lo:hi], y[lo:hi], b)
         equations.add(rows, wanted)

@@ -6,9 +6,10 @@ the original model's output Y at the same tensor:
 
     [W; b] = argmin ||X W + b - Y||^2 + lambda ||W - W0||^2,   lambda = RIDGE * mean(diag(X^T X)),
 
-solved from X^T X and X^T Y. The ridge term pulls towards the layer's current (pruned) weights W0 rather
-than towards zero: when the removed channels were dead, W0 fits exactly and is kept exactly, whatever
-lambda; the bias is not regularized.
+solved from X^T X and X^T Y (for a depthwise conv, whose output channels each see only their own input
+channel, one such system a channel: `ChannelEquations`). The ridge term pulls towards the layer's current
+(pruned) weights W0 rather than towards zero: when the removed channels were dead, W0 fits exactly and is
+kept exactly, whatever lambda; the bias is not regularized.
 
 Ternary ops are fitted the same way in float; the fitted W is then ternarized again for the layer's output
 error on the calibration inputs, ||X (W - alpha T)||^2: T starts from GPTQ-style error feedback
@@ -62,29 +63,32 @@ def descend_codes(ternary: np.ndarray, hessian: np.ndarray, target: np.ndarray,
     levels). A sweep re-solves a = t^T b / t^T H t (>= 0) per row, then for each feature j in turn moves t_j
     to whichever of -1, 0, +1 lowers f most at that a; f never rises, so it stops when a sweep changes
     nothing, or after `sweeps`. Vectorized over rows; the gradient H(a t) - b is updated for changed rows
-    only. Returns the new int8 codes and the number of sweeps run.
+    only. `hessian` may also be one (features, features) matrix a row, (outputs, features, features): a
+    depthwise conv, whose channels see different inputs. Returns the new int8 codes and the sweeps run.
     """
     t = np.asarray(ternary, dtype=np.float64).copy()
     h = np.asarray(hessian, dtype=np.float64)
     b = np.asarray(target, dtype=np.float64)
-    diag = np.diag(h)
+    per_row = h.ndim == 3  # one H a row (a depthwise conv's channels)
+    diag = np.diagonal(h, axis1=-2, axis2=-1)
     levels = np.array([-1.0, 0.0, 1.0])
     run = 0
     for run in range(1, sweeps + 1):
-        ht = t @ h
+        ht = np.einsum("on,onm->om", t, h) if per_row else t @ h
         tht = np.sum(ht * t, axis=1)
         alpha = np.maximum(np.where(tht > 0, np.sum(t * b, axis=1) / np.where(tht > 0, tht, 1.0), 0.0), 0.0)
         grad = alpha[:, None] * ht - b
         changed = 0
         for j in range(t.shape[1]):
             step = levels[None, :] - t[:, j:j + 1]  # (outputs, 3): the move to each level
-            gain = alpha[:, None] * step * (2 * grad[:, j:j + 1] + alpha[:, None] * step * diag[j])
+            hjj = diag[:, j:j + 1] if per_row else diag[j]
+            gain = alpha[:, None] * step * (2 * grad[:, j:j + 1] + alpha[:, None] * step * hjj)
             best = np.argmin(gain, axis=1)
             rows = np.nonzero(gain[np.arange(len(t)), best] < -1e-12 * np.maximum(tht * alpha**2, 1e-30))[0]
             if len(rows):
                 delta = step[rows, best[rows]]
                 t[rows, j] += delta
-                grad[rows] += (alpha[rows] * delta)[:, None] * h[j][None, :]
+                grad[rows] += (alpha[rows] * delta)[:, None] * (h[rows, j] if per_row else h[j][None, :])
                 changed += len(rows)
         if not changed:
             break
@@ -118,6 +122,38 @@ class Equations:
         return max(sse, 0.0) / max(self.yy, 1e-30)
 
 
+class ChannelEquations:
+    """The normal equations of a depthwise conv: one system a channel, as each output channel sees only its own
+    input channel. xtx (channels, k+1, k+1), xty (channels, k+1), yy (channels,); k taps, a ones column."""
+
+    def __init__(self) -> None:
+        self.xtx: np.ndarray | None = None
+        self.xty: np.ndarray | None = None
+        self.yy: np.ndarray | float = 0.0
+        self.rows = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        """x (rows, channels, k), y (rows, channels)."""
+        rows, channels, _ = x.shape
+        x = np.concatenate([np.asarray(x, np.float32), np.ones((rows, channels, 1), np.float32)], axis=2)
+        xc = np.ascontiguousarray(x.transpose(1, 0, 2))  # (channels, rows, k+1)
+        y = np.asarray(y, np.float32)
+        xtx = np.matmul(xc.transpose(0, 2, 1), xc).astype(np.float64)
+        xty = np.matmul(xc.transpose(0, 2, 1), np.ascontiguousarray(y.T)[:, :, None])[..., 0].astype(np.float64)
+        if self.xtx is None:
+            self.xtx, self.xty = xtx, xty
+        else:
+            self.xtx += xtx
+            self.xty += xty
+        self.yy = self.yy + np.sum(np.square(y, dtype=np.float64), axis=0)
+        self.rows += rows
+
+    def error(self, theta: np.ndarray) -> float:
+        """||X theta - Y||^2 / ||Y||^2 over all channels, theta (channels, k+1)."""
+        sse = np.einsum("ck,ckl,cl->c", theta, self.xtx, theta) - 2 * np.sum(theta * self.xty, axis=1) + self.yy
+        return max(float(np.sum(sse)), 0.0) / max(float(np.sum(self.yy)), 1e-30)
+
+
 @dataclass
 class Fit:
     """One layer to re-fit: its input tensor in the current model, its output tensor in the reference."""
@@ -133,6 +169,10 @@ class Fit:
     error_feedback: bool = False  # ternary ops: choose T by error feedback on the real inputs
     descent: int = 0  # ternary ops: then at most this many sweeps of coordinate descent over T (0: none)
     sweeps: int = 0  # coordinate-descent sweeps the ternary fit ran
+    depthwise: bool = False  # a depthwise conv: one least-squares system a channel (ChannelEquations)
+
+    def equations(self) -> Equations | ChannelEquations:
+        return ChannelEquations() if self.depthwise else Equations()
 
     @property
     def node(self) -> gs.Node:
@@ -151,8 +191,8 @@ class Fit:
         return cols, np.asarray(y, np.float32)
 
     def _im2col(self, x: np.ndarray, y: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        _, channels, kh, kw = self.layer.weight_shape
-        b = x.shape[0]
+        _, _, kh, kw = self.layer.weight_shape
+        b, channels = x.shape[:2]
         oh, ow = y.shape[2:]
         sh, sw = self.conv["strides"]
         dh, dw = self.conv["dilations"]
@@ -169,13 +209,17 @@ class Fit:
         for i in range(kh):
             for j in range(kw):
                 cols[:, :, i, j] = padded[bi_local, :, hi * sh + i * dh, wi * sw + j * dw]
-        return cols.reshape(len(chosen), -1), y[bi, :, hi, wi]
+        cols = cols.reshape(len(chosen), channels, -1) if self.depthwise else cols.reshape(len(chosen), -1)
+        return cols, y[bi, :, hi, wi]
 
     def current(self, graph: gs.Graph) -> tuple[np.ndarray, np.ndarray]:
         """The layer's effective weights as (features, outputs) and its effective bias."""
         return self.layer.rows().T, self.layer.bias(graph)
 
-    def solve(self, graph: gs.Graph, eq: Equations, report: Report) -> None:
+    def solve(self, graph: gs.Graph, eq: Equations | ChannelEquations, report: Report) -> None:
+        if self.depthwise:
+            self._solve_channels(graph, eq, report)
+            return
         node = self.node
         weight, bias = self.current(graph)
         features, outputs = weight.shape
@@ -210,6 +254,72 @@ class Fit:
             "rows": eq.rows, "error_before": before, "error_after": after, "lambda": lam}
         if self.layer.ternary:
             report.details["reconstructed"][node.name]["descent_sweeps"] = self.sweeps
+
+    def _solve_channels(self, graph: gs.Graph, eq: ChannelEquations, report: Report) -> None:
+        """`solve` for a depthwise conv: the same ridge fit and ternary re-solve, one channel at a time (batched)."""
+        node = self.node
+        weight, bias = self.layer.rows(), self.layer.bias(graph)  # (channels, k), (channels,)
+        channels, k = weight.shape
+        if eq.xty.shape[0] != channels:
+            report.skip(node.name, node.op, f"{channels} outputs here, {eq.xty.shape[0]} mapped from the reference")
+            return
+        before = eq.error(np.concatenate([weight, bias[:, None]], axis=1))
+        lam = RIDGE * np.maximum(np.mean(np.diagonal(eq.xtx, axis1=1, axis2=2)[:, :k], axis=1), 1e-12)
+        reg = lam[:, None] * np.concatenate([np.ones(k), [0.0]])[None, :]  # the bias is not regularized
+        intercept = self.bias != "none"
+        a = eq.xtx + reg[:, :, None] * np.eye(k + 1)[None]
+        rhs = eq.xty + reg * np.concatenate([weight, np.zeros((channels, 1))], axis=1)
+        m = k + 1 if intercept else k
+        try:
+            theta = np.linalg.solve(a[:, :m, :m], rhs[:, :m, None])[..., 0]
+        except np.linalg.LinAlgError:
+            theta = np.einsum("ckl,cl->ck", np.linalg.pinv(a[:, :m, :m]), rhs[:, :m])
+        if not intercept:
+            theta = np.concatenate([theta, np.zeros((channels, 1))], axis=1)
+        if self.layer.ternary:
+            theta = self._ternary_channels(theta[:, :k], eq, intercept)
+        after = eq.error(theta)
+        if after > before + 1e-9:
+            report.skip(node.name, node.op, f"not reconstructed: the re-fit would not lower the error "
+                        f"({before:.3g} -> {after:.3g})")
+            return
+        self._store(graph, theta[:, :k].T, theta[:, k], bias)
+        report.change(node.name, node.op, f"{k} in", f"{k} in", 0, 0,
+                      note=f"reconstructed channel by channel on {eq.rows} rows: relative error {before:.3g} -> "
+                           f"{after:.3g}")
+        details = {"rows": eq.rows, "error_before": before, "error_after": after, "lambda": float(lam.mean()),
+                   "depthwise": True}
+        if self.layer.ternary:
+            details["descent_sweeps"] = self.sweeps
+        report.details.setdefault("reconstructed", {})[node.name] = details
+
+    def _ternary_channels(self, fitted: np.ndarray, eq: ChannelEquations, intercept: bool) -> np.ndarray:
+        """`_ternary_theta` for a depthwise conv, `fitted` (channels, k): each channel's T from rounding its row,
+        improved by coordinate descent on its own inputs' H; then its exact alpha and bias."""
+        k = fitted.shape[1]
+        xx, x1, n = eq.xtx[:, :k, :k], eq.xtx[:, :k, k], eq.xtx[:, k, k]
+        ternary, _ = ternarize_optimal(fitted)
+        self.sweeps = 0
+        if self.descent:
+            hessian = xx - x1[:, :, None] * x1[:, None, :] / np.maximum(n, 1e-30)[:, None, None] if intercept else xx
+            ternary, self.sweeps = descend_codes(ternary, hessian, np.einsum("ckl,cl->ck", hessian, fitted),
+                                                 self.descent)
+        t = ternary.astype(np.float64)
+        zz = np.einsum("ck,ckl,cl->c", t, xx, t)
+        zy = np.sum(t * eq.xty[:, :k], axis=1)
+        z1 = np.sum(t * x1, axis=1)
+        y1 = eq.xty[:, k]
+        alpha, bias = np.zeros(len(t)), np.zeros(len(t))
+        if intercept:
+            det = zz * n - z1**2
+            ok = det > 1e-12 * np.maximum(zz * n, 1e-30)
+            alpha[ok] = (zy[ok] * n[ok] - z1[ok] * y1[ok]) / det[ok]
+            bias = np.where(ok, (y1 - alpha * z1) / np.maximum(n, 1e-30), y1 / np.maximum(n, 1e-30))
+        else:
+            ok = zz > 1e-30
+            alpha[ok] = zy[ok] / zz[ok]
+        self.ternary, self.alpha = ternary, alpha
+        return np.concatenate([t * alpha[:, None], bias[:, None]], axis=1)
 
     def _ternary_theta(self, fitted: np.ndarray, eq: Equations, intercept: bool) -> np.ndarray:
         """Ternarize the float fit (features, outputs), then the exact alpha and bias of each channel for that T.
@@ -280,8 +390,8 @@ def _blocker(graph: gs.Graph, layer: Layer, ref: Layer | None) -> str:
         return (f"no {layer.kind.float_op} with a constant weight makes tensor '{node.outputs[0].name}' in the "
                 "original model")
     if layer.kind.float_op == "Conv":
-        if layer.groups != 1:
-            return "grouped/depthwise Conv"
+        if layer.groups != 1 and not layer.depthwise:
+            return "grouped Conv (not depthwise)"
         if len(layer.weight_shape) != 4:
             return "only 2-D Conv"
     if node.op == "Gemm" and node.attrs.get("transA", 0):
@@ -320,7 +430,7 @@ def fits(graph: gs.Graph, ref_graph: gs.Graph, kept_channels: dict, report: Repo
             report.skip(node.name, node.op, f"{why}, not reconstructed: {reason}")
             continue
         fit = Fit(layer, node.inputs[0].name, node.outputs[0].name, None, "own", error_feedback=error_feedback,
-                  descent=descent)
+                  descent=descent, depthwise=layer.depthwise)
         if layer.kind.float_op == "Conv":
             try:
                 fit.conv = layer.conv_attrs()

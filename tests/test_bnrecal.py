@@ -420,22 +420,64 @@ def test_reconstruct_solves_ternary_alpha_and_bias_exactly() -> None:
         assert fitted[node.name]["error_after"] < fitted[node.name]["error_before"]
 
 
-def test_reconstruct_skips_grouped_convs_and_reports_big_layers(monkeypatch) -> None:
+def test_reconstruct_fits_depthwise_skips_other_grouped_convs_and_reports_big_layers(monkeypatch) -> None:
+    """Pruned depthwise convs are re-fitted (one system a channel); a grouped conv that is not depthwise is not."""
     from ocomp.passes import reconstruct
 
-    grouped = infer_shapes(zoo.build("mobilenetv2", folded=True))
-    result = run_passes(grouped, ["prune", "bnrecal"], {"prune": {"ratio": 0.5}, "bnrecal": {"reconstruct": True}},
-                        calibration=calibration(grouped, n=32), reference=grouped)
+    model = infer_shapes(zoo.build("mobilenetv2", folded=True))
+    result = run_passes(model, ["prune", "bnrecal"], {"prune": {"ratio": 0.5}, "bnrecal": {"reconstruct": True}},
+                        calibration=calibration(model, n=32), reference=model)
     depthwise = {n.name for n in result.model.graph.node if n.op_type == "Conv" and any(
         a.name == "group" and a.i > 1 for a in n.attribute)}
-    refitted = set(result.reports[-1].details.get("reconstructed", {}))
-    assert refitted and depthwise and not depthwise & refitted
-    assert any("grouped/depthwise Conv" in str(s) for s in result.reports[-1].skipped)
-    monkeypatch.setattr(reconstruct, "MAX_FEATURES", 2)
-    result = run_passes(grouped, ["prune", "bnrecal"], {"prune": {"ratio": 0.5}, "bnrecal": {"reconstruct": True}},
+    fitted = result.reports[-1].details.get("reconstructed", {})
+    assert depthwise and depthwise <= set(fitted) and set(fitted) - depthwise
+    assert all(fitted[name]["error_after"] <= fitted[name]["error_before"] for name in depthwise)
+    grouped = infer_shapes(zoo.build("grouped", folded=True))
+    result = run_passes(grouped, ["ternary", "bnrecal"], {"ternary": {"min_params": 0}},
                         calibration=calibration(grouped, n=32), reference=grouped)
+    assert "features.1.conv" not in result.reports[-1].details.get("reconstructed", {})
+    assert any("grouped Conv (not depthwise)" in str(s) for s in result.reports[-1].skipped)
+    monkeypatch.setattr(reconstruct, "MAX_FEATURES", 2)
+    result = run_passes(model, ["prune", "bnrecal"], {"prune": {"ratio": 0.5}, "bnrecal": {"reconstruct": True}},
+                        calibration=calibration(model, n=32), reference=model)
     assert not result.reports[-1].details.get("reconstructed")
     assert any("more than 2" in str(s) for s in result.reports[-1].skipped)
+
+
+def test_reconstruct_solves_depthwise_ternary_alpha_and_bias_per_channel() -> None:
+    """A depthwise TernaryConv is re-fitted channel by channel: valid codes, and for its new T each channel's alpha
+    and bias are the least-squares solution on that channel's own inputs (numpy lstsq on an independent im2col);
+    its error on the calibration data falls."""
+    from ocomp.passes.ternary import unpack_ternary
+
+    reference = infer_shapes(zoo.build("mobilenetv2", folded=True))
+    data = calibration(reference, n=4)
+    feeds = {"input": zoo.random_input(reference, batch=4, seed=1)["input"]}
+    result = run_passes(reference, ["ternary", "bnrecal"], {"ternary": {"min_params": 0},
+                                                            "bnrecal": {"bias": False}},
+                        calibration=data, reference=reference)
+    fitted = result.reports[-1].details.get("reconstructed", {})
+    inits = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    checked = 0
+    for node in result.model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "TernaryConv" or attrs.get("group", 1) == 1:
+            continue
+        assert fitted[node.name]["depthwise"] and fitted[node.name]["error_after"] < fitted[node.name]["error_before"]
+        shape = tuple(attrs["weight_shape"])
+        ternary = unpack_ternary(inits[node.input[1]], shape).reshape(shape[0], -1).astype(np.float64)
+        alpha, bias = inits[node.input[2]], inits[node.input[3]]
+        x = exposed_values(result.model, [node.input[0]], feeds)[node.input[0]]
+        y = exposed_values(reference, [node.output[0]], feeds)[node.output[0]].astype(np.float64)
+        positions = x.shape[0] * y.shape[2] * y.shape[3]
+        assert positions <= 4096  # no row subsampling: the check sees the same rows
+        for c in range(shape[0]):
+            cols = im2col(x[:, c:c + 1], (1, 1, *shape[2:]), attrs["strides"], attrs["pads"], attrs["dilations"])
+            design = np.stack([cols @ ternary[c], np.ones(len(cols))], axis=1)
+            (a, b), *_ = np.linalg.lstsq(design, y[:, c].reshape(-1), rcond=None)
+            np.testing.assert_allclose([alpha[c], bias[c]], [a, b], rtol=1e-3, atol=1e-5 * np.abs(y).max())
+        checked += 1
+    assert checked
 
 
 def test_reconstruct_off_changes_no_weights() -> None:
@@ -574,6 +616,12 @@ def test_descend_codes_lowers_every_rows_output_error_to_a_local_minimum() -> No
                 assert _row_objective(trial, h, w[o:o + 1], alpha[o:o + 1])[0] >= after[o] * (1 - 1e-9)
     stopped, one = descend_codes(start, h, w @ h, sweeps=1)
     assert one == 1 and not np.array_equal(stopped, codes)  # `sweeps` bounds the work
+    # one H a row (a depthwise conv's channels): the same as descending each row with its own H
+    hs = np.stack([h * (1 + o) + np.diag(np.full(features, o)) for o in range(outputs)])
+    together, _ = descend_codes(start, hs, np.einsum("on,onm->om", w, hs), sweeps=50)
+    for o in range(outputs):
+        alone, _ = descend_codes(start[o:o + 1], hs[o], w[o:o + 1] @ hs[o], sweeps=50)
+        np.testing.assert_array_equal(together[o:o + 1], alone)
 
 
 def test_descent_lowers_the_ternary_layers_calibration_error() -> None:
