@@ -377,8 +377,8 @@ def main(argv=None) -> int:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         result = run(names, Path(args.shared), workdir, args.repeats, args.runs,
                      log=lambda m: print(m, file=sys.stderr, flush=True))
-    result.update(command="python benchmarks/session_memory.py " + " ".join(argv), seconds=time.perf_counter() - start,
-                  repeats=args.repeats, runs=args.runs,
+    result.update(command=("python benchmarks/session_memory.py " + " ".join(argv)).strip(),
+                  seconds=time.perf_counter() - start, repeats=args.repeats, runs=args.runs,
                   notes=[n for n in Path(args.notes).read_text().splitlines() if n.strip()] if args.notes else [])
     write_markdown(result, out / "MEMORY.md")
     if out.resolve() != HERE:

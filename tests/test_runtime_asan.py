@@ -64,7 +64,7 @@ SUBSET = textwrap.dedent(
 # The W2A8 ops (TernaryConv / TernaryGemm / TernaryMatMul with int8 activations) on one path, forced with OCOMP_ISA
 # (chosen once per process): every conv case of test_w2a8 (3x3, 1x1, strided, dilated, grouped, depthwise,
 # multiplier 2, odd channel and pixel counts) static, with a fused Relu and dynamic, at 1 and 2 threads; the gemm
-# cases static and dynamic; weights fed at run time; the bad-attribute and infinite-input errors. Outputs equal
+# cases static and dynamic; the fused residual (input 4, static and dynamic); weights fed at run time; the bad-attribute and infinite-input errors. Outputs equal
 # test_w2a8's integer reference exactly (a wrong result is a failure here too, not only a sanitizer report).
 W2A8_SUBSET = textwrap.dedent(
     """
@@ -93,6 +93,15 @@ W2A8_SUBSET = textwrap.dedent(
             ref = tw.epilogue(tw.int_conv(tw.quantize(x, scale, z), t, z, attrs), alpha, bias, scale, 1, lo)
             np.testing.assert_array_equal(y, ref, err_msg=f"{path}: conv case {i} {variant}")
             runs += 1
+    for i, case in enumerate(tw.RESIDUAL_CASES):  # input 4: the fused residual Add, then the fused Relu
+        model, x, t, alpha, bias, attrs = tw.conv_case(400 + i, case, activation=dict(activation="Relu"),
+                                                       dynamic=i % 2 == 1)
+        scale, z = tw.dynamic_quant(x) if i % 2 else (0.03, 117)
+        ref = tw.epilogue(tw.int_conv(tw.quantize(x, scale, z), t, z, attrs), alpha, bias, scale, 1)
+        r = np.random.default_rng(i).normal(size=ref.shape).astype(np.float32)
+        y = run_ternary(tw.residual_model(model), {"X": x, "R": r}, intra_op_num_threads=1 + i % 2)
+        np.testing.assert_array_equal(y, np.maximum(ref + r, np.float32(0)), err_msg=f"{path}: residual case {i}")
+        runs += 1
     for m, kin, n in tw.GEMM_CASES:
         rng = np.random.default_rng(kin)
         t = ternary(rng, (n, kin))
