@@ -44,12 +44,13 @@ ratio_or_auto.__name__ = "fraction|auto"
 # ---------------------------------------------------------------- settings and results
 
 
-# Kept channel counts are rounded up to a multiple of 8 unless told otherwise: the kernels want it. The W2A8
-# kernels compute 16 output channels a panel and read input channels 4 at a time; onnxruntime's float
-# convolutions block channels by 8 (16 with AVX-512) and fall back to a slower path on other counts. Measured
-# (benchmarks/PRUNE_MULTIPLE.md, prune 0.3): against multiple 1, multiple 8 runs ResNet-20 at 0.88x (float)
-# and 0.76x (W2A8) the latency and PP-OCR cls at 0.75x / 0.87x, and is 0.5-3.5 pt more accurate, for a
-# 1.1-1.2x larger file. Only the float-activation TernaryConv, whose cost is per MAC, gets slower.
+# Kept channel counts are rounded up to a multiple of 8 unless told otherwise: onnxruntime's float
+# convolutions block channels by 8 (16 with AVX-512) and fall back to a slower path on other counts; the
+# W2A8 kernels compute 16 output channels a panel and read input channels 4 at a time, so rounding costs
+# them little. Measured (benchmarks/PRUNE_MULTIPLE.md, prune 0.3, against multiple 1): float models run
+# at 0.67x (ResNet-20) / 0.79x (PP-OCR cls) the latency, W2A8 models at 1.07x / 0.97x, every pipeline is
+# 0.6-2.9 pt more accurate, the file 1.08-1.2x larger. Only the float-activation TernaryConv, whose cost
+# is per MAC, gets clearly slower (1.1-1.34x).
 DEFAULT_MULTIPLE = 8
 
 
