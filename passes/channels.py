@@ -189,15 +189,40 @@ class ChannelAnalysis:
                 seen.setdefault(g.id, g)
         return list(seen.values())
 
-    def shared_tensor(self, group: ChannelGroup) -> str | None:
-        """A tensor carrying this group's channels beside other channels (another group's, or channels that
-        never change: a channel Pad or Concat), or None when every tensor of the group holds only it."""
-        for name, _ in group.members:
-            layout = self.layouts.get(name)
-            if layout is not None and any(s.atom is None or self._find(s.atom) != group.root
-                                          for s in layout.segments):
-                return name
-        return None
+    def unalignable_groups(self) -> dict[str, str]:
+        """Groups whose kept count cannot make every tensor they are in a multiple of the count's rounding,
+        by id, each with one such tensor: rounding them aligns nothing and only keeps channels.
+
+        A tensor is aligned when each of its segments is a group that is itself rounded. Channels that never
+        change (a channel Pad's or Concat's constants, a graph input concatenated in) and groups none of whose
+        layers outputs the group alone (a slice of padded shortcuts) never are; a group that shares a tensor with them
+        is then not rounded either, and so on until nothing changes. ResNet residual groups and Inception
+        branches (each branch owns its conv's output; the Concat is made of rounded branches) stay rounded.
+        """
+        def owners(layout: Layout) -> set[int | None]:
+            return {None if seg.atom is None else self._find(seg.atom) for seg in layout.segments}
+
+        rounded = set()
+        for group in self.groups:
+            outputs = [t.name for p in group.producers for t in p.outputs[:1]]
+            if any(name in self.layouts and owners(self.layouts[name]) == {group.root} for name in outputs):
+                rounded.add(group.root)
+        blocking: dict[int, str] = {}
+        changed = True
+        while changed:
+            changed = False
+            for group in self.groups:
+                if group.root not in rounded:
+                    continue
+                for name, _ in group.members:
+                    layout = self.layouts.get(name)
+                    if layout is not None and not owners(layout) <= rounded:
+                        rounded.discard(group.root)
+                        blocking[group.root] = name
+                        changed = True
+                        break
+        return {g.id: blocking.get(g.root, g.members[0][0] if g.members else g.id)
+                for g in self.groups if g.root not in rounded}
 
     def positions(self, tensor: str, group_id: str, channels: Iterable[int] | None = None) -> np.ndarray:
         """Indices along `tensor`'s channel axis holding the given channels of group `group_id`, flattened."""

@@ -80,7 +80,7 @@ class GroupResult:
     criterion: str
     dead_removed: int = 0
     note: str = ""
-    unrounded: str | None = None  # the tensor it shares with other channels, when the multiple was not applied
+    unrounded: str | None = None  # a tensor rounding cannot align, when the multiple was not applied
 
 
 @dataclass
@@ -245,6 +245,7 @@ def prune_graph(graph: gs.Graph, ratios: Mapping[str, float], settings: PruneSet
     result = PruneResult(analysis=analysis)
     values = constant_channels(graph, analysis) if settings.prune_dead else {}
     folds: list[tuple[ChannelGroup, np.ndarray]] = []
+    unaligned = analysis.unalignable_groups() if settings.multiple > 1 else {}
     for group in analysis.groups:
         if group.id not in ratios:
             continue
@@ -255,9 +256,10 @@ def prune_graph(graph: gs.Graph, ratios: Mapping[str, float], settings: PruneSet
             continue
         dead = dead_channels(graph, group, analysis, values) if values else np.zeros(group.size, dtype=bool)
         score, used, note = scores(group, analysis, settings.criterion, activations)
-        # A group that shares a tensor with other channels (a channel Pad or Concat) is one summand of that
-        # tensor's width: rounding its own count aligns nothing, it only keeps channels. The ratio applies.
-        shared = analysis.shared_tensor(group) if settings.multiple > 1 else None
+        # A group in a tensor that rounding cannot align (next to a channel Pad's constants, or to a group
+        # owning no tensor of its own) is one summand of that tensor's width: rounding its count aligns
+        # nothing, it only keeps channels. The ratio applies.
+        shared = unaligned.get(group.id)
         kept = select_channels(score, dead, ratio, 1 if shared else settings.multiple, settings.min_channels)
         removed_dead = np.setdiff1d(np.flatnonzero(dead), kept)
         result.groups.append(GroupResult(group.id, group.size, len(kept), ratio, used, len(removed_dead), note,
@@ -289,7 +291,7 @@ def fill_report(report: Report, result: PruneResult, criterion: str, notes: Mapp
         note = (f"out {row['out_before']}->{row['out_after']}, in {row['in_before']}->{row['in_after']}; "
                 f"group {row['group']}; criterion {used.get(row['group'], 'none (group unchanged)')}")
         if row["group"] in unrounded:
-            note += f"; count not rounded to the multiple: shares {unrounded[row['group']]} with other channels"
+            note += f"; count not rounded to the multiple: {unrounded[row['group']]} cannot be aligned by it"
         if row["group"] in notes:
             note += f"; {notes[row['group']]}"
         report.change(row["name"], row["op"], row["before"], row["after"], row["params_before"],

@@ -462,21 +462,27 @@ def test_blazeface_live_pruning_is_valid(ratio):
     assert len(state.by_tensor["block5.relu.output"]) == sum(kept.values())
 
 
-def test_multiple_not_applied_to_groups_sharing_a_tensor():
-    """BlazeFace's padded shortcuts: every group is a slice of wider tensors ([stem 8 | zeros 4] + block
-    conv), so rounding a group's count would align no tensor; those groups are pruned at the ratio and the
-    report says why. A group owning its tensors (ResNet's) is still rounded."""
+def test_multiple_not_applied_where_rounding_aligns_nothing():
+    """BlazeFace's padded shortcuts: tensors are [stem 8 | zeros 4] + a block conv's channels, the extra
+    channels a group owning no tensor of its own, so rounding would align no tensor: those groups are pruned
+    at the ratio and the report says why. ResNet's residual groups and Inception's Concat branches (each
+    owns its conv's output, the Concat is made of rounded branches) are still rounded."""
     model = prepared(zoo.build_blazeface())
     result = run_passes(model, ["prune"], {"prune": {"ratio": 0.3, "multiple": 8}})
     channels = out_channels(result.model)
     assert channels["stem"] == expected_kept(8, 0.3) < 8
     groups = {g["id"]: g for g in result.reports[0].details["groups"]}
     assert groups["stem"]["unrounded"] and groups["stem"]["channels_after"] == expected_kept(8, 0.3)
-    assert any("count not rounded to the multiple: shares" in c.note for c in result.reports[0].layers
+    assert any("count not rounded to the multiple" in c.note for c in result.reports[0].layers
                if c.name == "stem")
-    resnet = prepared(zoo.build("resnet"))
-    report = run_passes(resnet, ["prune"], {"prune": {"ratio": 0.3, "multiple": 8}}).reports[0]
-    assert all(g["unrounded"] is None for g in report.details["groups"])
+    for name in ("resnet", "inception"):  # residual groups; Concat branches (each owns its conv's output)
+        model = prepared(zoo.build(name))
+        result = run_passes(model, ["prune"], {"prune": {"ratio": 0.3, "multiple": 8}})
+        assert all(g["unrounded"] is None for g in result.reports[0].details["groups"]), name
+        channels = out_channels(result.model)
+        for g in prunable_groups(model):
+            for p in g.producers:
+                assert channels[p.name] == min(g.size, math.ceil(expected_kept(g.size, 0.3) / 8) * 8), p.name
 
 
 @pytest.mark.parametrize("criterion", ["activation", "energy"])
