@@ -96,6 +96,26 @@ def _measured_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, list
     return {name: [1] + list(value.shape[1:]) for name, value in zip(names, values)}
 
 
+CODES_LAYOUT = "nhwc_c4"  # a chained TernaryConv's uint8 codes: [N, H, W, round4(C)] (runtime/w2a8_ops.h)
+
+
+def _output(node: gs.Node) -> gs.Variable:
+    """The tensor a layer writes: a chained TernaryConv (output_layout) writes output 1, its uint8 codes."""
+    if node.attrs.get("output_layout") == CODES_LAYOUT and len(node.outputs) > 1:
+        return node.outputs[1]
+    return node.outputs[0]
+
+
+def _nchw(shape: list, node: gs.Node, attr: str, axis: int) -> list:
+    """A chained tensor's [N, H, W, padded C] shape as the [N, C, H, W] it stands for (C: weight_shape[0] of
+    the writer, weight_shape[1] * group of the reader); other shapes as they are."""
+    if node.attrs.get(attr) != CODES_LAYOUT or len(shape) != 4:
+        return shape
+    weight_shape = node.attrs["weight_shape"]
+    channels = weight_shape[0] if axis == 0 else weight_shape[1] * node.attrs.get("group", 1)
+    return [shape[0], int(channels), shape[1], shape[2]]
+
+
 def model_stats(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> ModelStats:
     """Params, MACs (batch 1) and storage of every weighted layer (the layer table, ocomp/layers.py); the
     model must have inferred shapes.
@@ -109,15 +129,15 @@ def model_stats(model: onnx.ModelProto, path: str | os.PathLike | None = None) -
     stored = _dequantized_weights(graph, visible)  # int8 QDQ weights: counted as the layers they are
     layers_found = [(node, layer) for node in graph.nodes
                     for layer in [layer_of(node)] if layer is not None and node.inputs[1].name in visible]
-    unsized = [node.outputs[0].name for node, _ in layers_found if not _known(shapes.get(node.outputs[0].name, []))]
+    unsized = [_output(node).name for node, _ in layers_found if not _known(shapes.get(_output(node).name, []))]
     if unsized:
         shapes.update(_measured_shapes(model, unsized))
     layers: list[LayerStats] = []
     counted: set[str] = set()
     for node, layer in layers_found:
         weight = stored[node.inputs[1].name][0] if node.inputs[1].name in stored else visible[node.inputs[1].name]
-        out_shape = shapes.get(node.outputs[0].name, [])
-        in_shape = shapes.get(node.inputs[0].name, [])
+        out_shape = _nchw(shapes.get(_output(node).name, []), node, "output_layout", 0)
+        in_shape = _nchw(shapes.get(node.inputs[0].name, []), node, "input_layout", 1)
         nbytes = _tensor_nbytes(weight)
         wshape = list(layer.weight_shape)
         params = numel(wshape)
@@ -131,7 +151,7 @@ def model_stats(model: onnx.ModelProto, path: str | os.PathLike | None = None) -
                 counted.update(stored[t.name][1])
         macs = layer.macs(in_shape, out_shape) if out_shape else 0
         dtype = "ternary" if layer.ternary else onnx.helper.tensor_dtype_to_np_dtype(weight.data_type).name
-        layers.append(LayerStats(node.name or node.outputs[0].name, node.op, wshape, out_shape,
+        layers.append(LayerStats(node.name or _output(node).name, node.op, wshape, out_shape,
                                  params + bias_params, macs, dtype, round(8.0 * nbytes / max(params, 1), 3)))
     params = sum(layer.params for layer in layers)
     for name, init in inits.items():

@@ -15,6 +15,8 @@ from .graph import CUSTOM_DOMAIN
 from .layers import TERNARY_OPS
 
 W2A8_ATTRS = {"act_quant", "act_scale", "act_zero_point", "activation", "clip_min", "clip_max"}  # all three ops
+CHAIN_ATTRS = {"input_layout", "output_layout", "output_scale", "output_zero_point"}  # TernaryConv (int8 chaining)
+CODES_LAYOUT = "nhwc_c4"  # uint8 [N, H, W, round4(C)] (runtime/w2a8_ops.h)
 MAX_WEIGHT_DIM = 1 << 24  # weight_shape values, as in the runtime
 MAX_ATTR = 1 << 16  # kernel, stride, dilation and pad values, as in the runtime
 _INT32_MAX = 2**31 - 1
@@ -32,11 +34,13 @@ def check_nodes(model: onnx.ModelProto, what: str = "model") -> None:
                 if attr.name == "value" and attr.type == AttributeProto.TENSOR:
                     constants[node.output[0]] = attr.t
     shapes = _known_shapes(model)
+    writers = {out: node for node in model.graph.node for out in node.output if out}
     for index, node in enumerate(model.graph.node):
-        name = node.name or (node.output[0] if node.output else f"#{index}")
+        name = node.name or next((o for o in node.output if o), f"#{index}")
         try:
             if node.domain == CUSTOM_DOMAIN:
                 _check_node(node, constants, shapes)
+                _check_chained_input(node, writers)
             elif node.domain in ("", "ai.onnx") and node.op_type in _WEIGHT_RANKS:
                 _check_weight_rank(node, constants)
         except _Bad as exc:
@@ -73,8 +77,6 @@ def _check_node(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], sh
         raise _Bad(f"expects inputs X, packed, alpha{extra}, has {len(node.input)} input(s)")
     if any(not name for name in node.input[:3]):
         raise _Bad("expects inputs X, packed, alpha and an optional bias, has an empty one of the first three")
-    if len(node.output) != 1:
-        raise _Bad(f"has {len(node.output)} outputs, expects 1")
     attrs = {a.name: a for a in node.attribute}
     rank = 4 if conv else 2
     layout = "(K, C/group, kH, kW)" if conv else "(N, Kin)"
@@ -91,7 +93,15 @@ def _check_node(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], sh
         raise _Bad(f"weight_shape {_text(weight_shape)} is too large")
     _check_w2a8_attrs(attrs)
     if conv:
-        _check_conv_attrs({k: v for k, v in attrs.items() if k not in W2A8_ATTRS}, weight_shape)
+        _check_chain_attrs(node, attrs, weight_shape)
+    if conv and "output_layout" in attrs:
+        if len(node.output) != 2 or not node.output[1]:
+            raise _Bad(f"output_layout writes output 1 (uint8 codes), which the node lacks (outputs "
+                       f"{list(node.output)})")
+    elif len(node.output) != 1 or not node.output[0]:
+        raise _Bad(f"has outputs {list(node.output)}, expects one (Y; output 1 only with output_layout)")
+    if conv:
+        _check_conv_attrs({k: v for k, v in attrs.items() if k not in W2A8_ATTRS | CHAIN_ATTRS}, weight_shape)
     elif set(attrs) - {"weight_shape"} - W2A8_ATTRS:
         raise _Bad(f"unknown attribute(s) {', '.join(sorted(set(attrs) - {'weight_shape'} - W2A8_ATTRS))}")
     count = outputs * rows
@@ -119,7 +129,11 @@ def _check_node(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], sh
             raise _Bad(f"{name} must have shape [{outputs}], got {_text(list(tensor.dims))}")
         _array(tensor, name)
     x_shape = shapes.get(node.input[0])
-    if x_shape is not None:
+    if x_shape is not None and conv and "input_layout" in attrs:
+        padded = (weight_shape[1] * _int_attr(attrs, "group", 1) + 3) // 4 * 4
+        if len(x_shape) != 4 or (isinstance(x_shape[3], int) and x_shape[3] != padded):
+            raise _Bad(f"X (input_layout {CODES_LAYOUT}) must be 4-D [N,H,W,{padded}], got shape {_text(x_shape)}")
+    elif x_shape is not None:
         if conv and len(x_shape) != 4:
             raise _Bad(f"X must be 4-D [N,C,H,W], got shape {_text(x_shape)}")
         if node.op_type == "TernaryGemm" and len(x_shape) != 2:
@@ -134,6 +148,54 @@ def _check_node(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], sh
         elif isinstance(x_shape[-1], int) and x_shape[-1] != weight_shape[1]:
             raise _Bad(f"X has {x_shape[-1]} features in its last dimension, but weight_shape[1] (Kin) is "
                        f"{weight_shape[1]}")
+
+
+def _check_chain_attrs(node: onnx.NodeProto, attrs: dict[str, AttributeProto], weight_shape: list[int]) -> None:
+    """int8 chaining attributes, as runtime/w2a8.cc (read_chain_attrs) and ternary_conv.cc read them."""
+    layouts = {}
+    for name in ("input_layout", "output_layout"):
+        value = _string_attr(attrs, name)
+        if value:
+            if value != CODES_LAYOUT:
+                raise _Bad(f"{name} must be \"{CODES_LAYOUT}\", got \"{value}\"")
+            layouts[name] = value
+    scale = _float_attr(attrs, "output_scale")
+    zero_point = _int_attr(attrs, "output_zero_point", 0) if "output_zero_point" in attrs else None
+    if "output_layout" not in layouts:
+        if scale is not None or zero_point is not None:
+            raise _Bad("output_scale / output_zero_point need output_layout")
+    else:
+        if scale is None:
+            raise _Bad("output_layout needs output_scale")
+        if not (np.isfinite(scale) and scale > 0):
+            raise _Bad(f"output_scale must be a finite number > 0, got {scale}")
+        if zero_point is not None and not 0 <= zero_point <= 255:
+            raise _Bad(f"output_zero_point must be in [0, 255] (uint8), got {zero_point}")
+    if not layouts:
+        return
+    mode = _string_attr(attrs, "act_quant") or ("static" if "act_scale" in attrs else None)
+    if mode is None or weight_shape[1] == 1:
+        raise _Bad("input_layout / output_layout need int8 activations (act_quant) and C/group > 1")
+    if "input_layout" in layouts and (mode != "static" or _int_attr(attrs, "group", 1) != 1):
+        raise _Bad("input_layout needs act_quant=static (the codes' scale and zero point) and group 1")
+
+
+def _check_chained_input(node: onnx.NodeProto, writers: dict[str, onnx.NodeProto]) -> None:
+    """A TernaryConv reading codes (input_layout) from a TernaryConv writing them (output_layout): the codes
+    must be quantized as the reader's act_scale / act_zero_point say (the runtime cannot see the writer)."""
+    attrs = {a.name: a for a in node.attribute}
+    writer = writers.get(node.input[0]) if node.input else None
+    if "input_layout" not in attrs or writer is None or writer.domain != CUSTOM_DOMAIN:
+        return
+    wattrs = {a.name: a for a in writer.attribute}
+    if "output_layout" not in wattrs:
+        raise _Bad(f"input_layout reads '{node.input[0]}', which {writer.op_type} '{writer.name}' does not write as "
+                   f"codes (no output_layout)")
+    ours = (_float_attr(attrs, "act_scale"), _int_attr(attrs, "act_zero_point", 0))
+    theirs = (_float_attr(wattrs, "output_scale"), _int_attr(wattrs, "output_zero_point", 0))
+    if ours != theirs:
+        raise _Bad(f"input_layout codes from '{writer.name}' are quantized with output_scale={theirs[0]} "
+                   f"output_zero_point={theirs[1]}, but this node's act_scale={ours[0]} act_zero_point={ours[1]}")
 
 
 def _check_residual(node: onnx.NodeProto, shapes: dict[str, list]) -> None:

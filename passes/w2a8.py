@@ -21,6 +21,13 @@ every ternary op from the calibration data:
   the quantization of earlier ops leave (PP-OCR cls: 0.50 pt -> 0.25 pt cost, benchmarks/W2A8.md).
 * A following Relu (or a Clip with constant bounds) is fused into the op (`activation` attribute), so the
   output error is measured where it matters and the model saves a pass over memory.
+* int8 chaining (`--w2a8-chain`, last): a TernaryConv read by another static group-1 TernaryConv writes that
+  reader's uint8 codes (its act_scale / act_zero_point) in the pixel-major, channel-padded layout the reader
+  sums over ("nhwc_c4", output 1 uint8 [N, OH, OW, round4(K)]), so the reader neither quantizes nor
+  reorders; bit-exact. By default only where nothing else reads the float output and the producer has no
+  residual input (ResNet-20: each block's conv1 -> conv2; 0.95-0.96x the unchained latency for
+  ternary+bnrecal and prune multiple 8, about 1.0x at prune multiple 1); 'all' also keeps the float output
+  for other readers (measured no faster).
 
 Without calibration data every ternary op gets act_quant="dynamic" (scale and zero point from each run's
 input min/max; slower and usually less accurate than calibrated static ranges), and the report says so.
@@ -46,6 +53,7 @@ FUSED_ATTRS = ("activation", "clip_min", "clip_max")
 BINS = 4096  # histogram bins over [min, max] of a tensor
 GRID = 128  # candidate upper (and lower) bounds of the MSE search
 METHODS = ("auto", "mse", "percentile", "minmax")
+CHAIN_MODES = ("on", "all", "off")
 
 
 def percent(value) -> float:
@@ -173,6 +181,14 @@ class W2A8(Pass):
                "ternary op's output into the op (its activation attribute); and a residual Add that is the only "
                "reader of a TernaryConv's output, adding a float tensor of the same shape, with the Relu/Clip "
                "after it (the op's residual input; exact)"),
+        Option("chain", str, "on", "int8 chaining: a TernaryConv read by another (static, group 1) TernaryConv "
+               "hands it its output as uint8 codes, quantized with the reader's act_scale / act_zero_point in the "
+               "pixel-major layout the reader sums over (output_layout / input_layout \"nhwc_c4\"), so the "
+               "reader neither quantizes nor reorders (exact: the same codes). 'on': where the reader is the "
+               "output's only reader and the producer has no residual input (measured faster); 'all': also where "
+               "the float output has other readers (written as well) or the producer adds a residual (measured "
+               "no faster: the producer's extra work cancels the reader's saving); 'off'",
+               choices=CHAIN_MODES),
         Option("memory", mebibytes, DEFAULT_BUDGET / 2**20, "MiB of calibration-set activations held in memory by "
                "the sweep; the rest is spilled to temporary files"),
     )
@@ -205,6 +221,13 @@ class W2A8(Pass):
             self._calibrate(graph, nodes, ctx, fused, reference, original, report)
         # After calibration: the fusion is exact, so it changes no range or bias the sweeps chose.
         report.details["fused_residuals"] = fuse_residuals(graph, nodes) if opts["fuse"] else 0
+        pairs = chain_codes(graph, nodes, every=opts["chain"] == "all") if opts["chain"] != "off" else []
+        for producer, consumer in pairs:
+            report.change(producer.name, producer.op, "float NCHW output", f"u8 {CODES_LAYOUT} codes",
+                          _params(producer), _params(producer),
+                          note=f"chained into {consumer.name} (quantized with its s={consumer.attrs['act_scale']:.4g} "
+                               f"z={consumer.attrs.get('act_zero_point', 0)})")
+        report.details["chained"] = len(pairs)
         return report
 
     def _calibrate(self, graph: gs.Graph, nodes: list[gs.Node], ctx: Context, fused: dict[int, str],
@@ -426,6 +449,68 @@ def fuse_residuals(graph: gs.Graph, nodes: list[gs.Node]) -> int:
         graph.cleanup(remove_unused_graph_inputs=False)
         graph.toposort()
     return count
+
+
+CODES_LAYOUT = "nhwc_c4"  # uint8 [N, H, W, round4(C)], as runtime/w2a8_ops.h reads and writes it
+CHAIN_ATTRS = ("input_layout", "output_layout", "output_scale", "output_zero_point")
+
+
+def _chainable(node: gs.Node) -> bool:
+    """A TernaryConv the runtime can chain: W2A8 (act_quant set), not on the depthwise path (C/group > 1)."""
+    shape = node.attrs.get("weight_shape", [])
+    return (node.op == "TernaryConv" and len(shape) == 4 and shape[1] > 1
+            and ("act_scale" in node.attrs or node.attrs.get("act_quant") in ("static", "dynamic")))
+
+
+def chain_codes(graph: gs.Graph, nodes: list[gs.Node], every: bool = False) -> list[tuple[gs.Node, gs.Node]]:
+    """int8 chaining: where a TernaryConv's output (after its fused residual and activation) is read as X by
+    a static, group-1 TernaryConv, the producer also writes that reader's uint8 codes: output 1, uint8
+    [N, OH, OW, round4(K)], with output_layout="nhwc_c4" and output_scale / output_zero_point = the reader's
+    act_scale / act_zero_point; the reader reads them (input_layout="nhwc_c4"). Output 0, the float NCHW
+    tensor, stays only when something else reads it (a residual branch, another op, a graph output); else it
+    is left empty. Exact: the producer quantizes its float output by the reader's own rule. One reader per
+    producer (the first, in topological order). every=False (the default mode, the one measured faster):
+    only producers without a residual input whose output nothing else reads. Returns the (producer, reader)
+    pairs."""
+    pairs = []
+    for node in nodes:
+        if not _chainable(node) or len(node.outputs) != 1 or any(k in node.attrs for k in CHAIN_ATTRS[1:]):
+            continue
+        out = node.outputs[0]
+        if out.shape is None or len(out.shape) != 4:
+            continue
+        reader = next((r for r in out.outputs if _chain_reader(r, out)), None)
+        if reader is None:
+            continue
+        alone = len(out.outputs) == 1 and not is_graph_output(graph, out)
+        if not every and (not alone or (len(node.inputs) > 4 and node.inputs[4].name)):
+            continue
+        n, _, oh, ow = out.shape
+        k = int(node.attrs["weight_shape"][0])
+        codes = gs.Variable(f"{out.name}_u8", dtype=np.uint8, shape=[n, oh, ow, (k + 3) // 4 * 4])
+        reader.inputs[0] = codes
+        if out.outputs or is_graph_output(graph, out):
+            node.outputs.append(codes)
+        else:
+            node.outputs[0] = gs.Variable.empty()
+            node.outputs.append(codes)
+        node.attrs["output_layout"] = CODES_LAYOUT
+        node.attrs["output_scale"] = float(reader.attrs["act_scale"])
+        node.attrs["output_zero_point"] = int(reader.attrs.get("act_zero_point", 0))
+        reader.attrs["input_layout"] = CODES_LAYOUT
+        pairs.append((node, reader))
+    if pairs:
+        graph.cleanup(remove_unused_graph_inputs=False)
+        graph.toposort()
+    return pairs
+
+
+def _chain_reader(reader: gs.Node, tensor: gs.Variable) -> bool:
+    """`reader` can read `tensor` as codes: a static, group-1 W2A8 TernaryConv whose X (only) it is."""
+    return (reader.domain == CUSTOM_DOMAIN and _chainable(reader) and "act_scale" in reader.attrs
+            and reader.attrs.get("act_quant", "static") == "static" and reader.attrs.get("group", 1) == 1
+            and "input_layout" not in reader.attrs and reader.inputs[0] is tensor
+            and not any(t is tensor for t in reader.inputs[1:]))
 
 
 def _same_shape(a, b) -> bool:

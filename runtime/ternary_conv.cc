@@ -118,6 +118,11 @@ TernaryConvKernel::TernaryConvKernel(const OrtApi& api, const OrtKernelInfo* inf
   }
 
   act_ = read_act_attrs(api, info, "TernaryConv");
+  chain_ = read_chain_attrs(api, info, "TernaryConv");
+  if ((chain_.codes_in || chain_.codes_out) && (act_.mode == ActAttrs::kFloat || a_.Cg == 1))
+    throw Error("TernaryConv: input_layout / output_layout need int8 activations (act_quant) and C/group > 1");
+  if (chain_.codes_in && (act_.mode != ActAttrs::kStatic || a_.group != 1))
+    throw Error("TernaryConv: input_layout needs act_quant=static (the codes' scale and zero point) and group 1");
   // Constant initializers are decoded once here.
   if (const OrtValue* packed = constant_input(api, info, 1)) {
     TensorView<uint8_t> t = view_tensor<uint8_t>(packed, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "packed weights");
@@ -312,9 +317,21 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
   Ort::KernelContext ctx(context);
   const ConvAttrs& a = a_;
 
-  TensorView<float> x = view_tensor<float>(ctx.GetInput(0), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "X");
-  if (x.shape.size() != 4) throw Error("TernaryConv: X must be 4-D [N,C,H,W], got shape " + shape_str(x.shape));
-  const int64_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3];
+  TensorView<float> x;
+  TensorView<uint8_t> xq;
+  int64_t N = 0, C = 0, H = 0, W = 0;
+  if (chain_.codes_in) {
+    xq = view_tensor<uint8_t>(ctx.GetInput(0), ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "X (input_layout codes)");
+    const int64_t Cp = (a.Cg * a.group + 3) / 4 * 4;
+    if (xq.shape.size() != 4 || xq.shape[3] != Cp)
+      throw Error("TernaryConv: X (input_layout " + std::string(kCodesLayout) + ") must be 4-D [N,H,W," +
+                  std::to_string(Cp) + "], got shape " + shape_str(xq.shape));
+    N = xq.shape[0], C = a.Cg * a.group, H = xq.shape[1], W = xq.shape[2];
+  } else {
+    x = view_tensor<float>(ctx.GetInput(0), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "X");
+    if (x.shape.size() != 4) throw Error("TernaryConv: X must be 4-D [N,C,H,W], got shape " + shape_str(x.shape));
+    N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3];
+  }
   if (C != a.Cg * a.group)
     throw Error("TernaryConv: X has " + std::to_string(C) + " channels, but weight_shape[1] * group = " +
                 std::to_string(a.Cg) + " * " + std::to_string(a.group) + " = " + std::to_string(a.Cg * a.group));
@@ -366,8 +383,20 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
                   " is smaller than the dilated kernel " + std::to_string(eff_h) + "x" + std::to_string(eff_w));
     const int64_t OH = (Hp - eff_h) / a.sh + 1, OW = (Wp - eff_w) / a.sw + 1;
     read_residual(OH, OW);
-    Ort::UnownedValue y_value = ctx.GetOutput(0, std::vector<int64_t>{N, a.K, OH, OW});
-    float* y = y_value.GetTensorMutableData<float>();
+    float* y = nullptr;
+    uint8_t* yq = nullptr;
+    if (chain_.codes_out) {
+      if (ctx.GetOutputCount() < 2) throw Error("TernaryConv: output_layout writes output 1, which the node lacks");
+      Ort::UnownedValue v = ctx.GetOutput(1, std::vector<int64_t>{N, OH, OW, (a.K + 3) / 4 * 4});
+      if (!v) throw Error("TernaryConv: output_layout writes output 1, which the node lacks");
+      yq = v.GetTensorMutableData<uint8_t>();
+      Ort::UnownedValue f = ctx.GetOutput(0, std::vector<int64_t>{N, a.K, OH, OW});  // null when absent
+      if (f) y = f.GetTensorMutableData<float>();
+    } else {
+      Ort::UnownedValue v = ctx.GetOutput(0, std::vector<int64_t>{N, a.K, OH, OW});
+      if (!v) throw Error("TernaryConv: output 0 (Y) is absent (output 1 needs output_layout)");
+      y = v.GetTensorMutableData<float>();
+    }
     if (N == 0) return;
     std::unique_ptr<const W2A8Conv> runtime_w2a8;
     const W2A8Conv* w2a8 = w2a8_.get();
@@ -375,9 +404,9 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
       runtime_w2a8 = std::make_unique<const W2A8Conv>(w2a8_shape(), dense_weights(*weights).data());
       w2a8 = runtime_w2a8.get();
     }
-    const ActQuant q = run_quant(act_, context, x.data, x.size);
+    const ActQuant q = run_quant(act_, context, x.data, x.size);  // static when chained (no read of x)
     w2a8->run(context, x.data, N, H, W, OH, OW, q, alpha->data(), bias ? bias->data() : nullptr, act_.lo, act_.hi,
-              residual, y);
+              residual, y, xq.data, yq, chain_.out);
     return;
   }
 
@@ -386,6 +415,7 @@ void TernaryConvKernel::Compute(OrtKernelContext* context) {
   read_residual(p.OH, p.OW);
   std::vector<int64_t> out_shape{N, a.K, p.OH, p.OW};
   Ort::UnownedValue y_value = ctx.GetOutput(0, out_shape);
+  if (!y_value) throw Error("TernaryConv: output 0 (Y) is absent (output 1 needs output_layout)");
   float* y = y_value.GetTensorMutableData<float>();
   if (N == 0 || p.OH == 0 || p.OW == 0) return;
 

@@ -7,6 +7,9 @@
 // x2_end), dilations, group; defaults as ONNX Conv, no auto_pad. Optional
 // act_quant / act_scale / act_zero_point (int8 activations, see w2a8_ops.h)
 // and activation / clip_min / clip_max (fused output activation).
+// int8 chaining (w2a8_ops.h): input_layout="nhwc_c4" makes X uint8 [N,H,W,round4(C)] codes;
+// output_layout="nhwc_c4" (with output_scale / output_zero_point) writes optional output 1, uint8 codes
+// [N,OH,OW,round4(K)], instead of output 0 (float Y, then absent).
 #pragma once
 
 #include <memory>
@@ -39,6 +42,7 @@ struct TernaryConvKernel {
 
   ConvAttrs a_;
   ActAttrs act_;                    // activation quantization (W2A8) and fused activation
+  ChainAttrs chain_;                // uint8 code input / output (int8 chaining)
   std::unique_ptr<const W2A8Conv> w2a8_;  // W2A8 weights (constant weights with act_quant set)
   bool const_weights_ = false, const_alpha_ = false, const_bias_ = false;
   SparseTernary weights_;
@@ -53,14 +57,21 @@ struct TernaryConvOp : Ort::CustomOpBase<TernaryConvOp, TernaryConvKernel, true>
   }
   const char* GetName() const { return "TernaryConv"; }
   size_t GetInputTypeCount() const { return 5; }
+  // X: float, or uint8 codes (input_layout); the kernel checks which.
   ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED
+                      : (index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
     return index >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  // Output 0: float Y; output 1: uint8 codes (output_layout). Types fixed, so onnxruntime's type inference
+  // (which for a custom op can only follow the input types) gives each its own.
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t index) const {
+    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t) const { return INPUT_OUTPUT_OPTIONAL; }
 };
 
 }  // namespace ocomp

@@ -261,6 +261,40 @@ void store_channels_residual(const float* tile, int np, int64_t nk, const float*
     for (int j = j0; j < np; ++j) dst[c * stride + j] = clamp_out(tile[j * kPanel + c] + r[c * stride + j], lo, hi);
 }
 
+// The residual Add of a tile kept pixel-major (for codes): out[j * kPanel + c] = clamp_out(tile[j * kPanel + c] +
+// r[c * stride + j], lo, hi) for pixels j < np and channels c < nk, exactly as store_channels_residual
+// computes it; channels nk..15 of out: clamp_out(tile[...] + 0). SSE: the residual's 4 x 4 blocks
+// transposed in registers; the rest one by one.
+void add_residual_tile(const float* tile, int np, int64_t nk, const float* r, int64_t stride, float lo, float hi,
+                       float* out) {
+  for (int j = 0; j < np; ++j)
+    for (int64_t c = nk; c < kPanel; ++c) out[j * kPanel + c] = clamp_out(tile[j * kPanel + c] + 0.0f, lo, hi);
+  int j0 = 0;
+  const int64_t nk4 = nk / 4 * 4;
+#if defined(__SSE2__)
+  const __m128 lov = _mm_set1_ps(lo), hiv = _mm_set1_ps(hi);
+  auto put = [&](int j, int64_t c0, __m128 v) {
+    v = _mm_add_ps(_mm_loadu_ps(tile + j * kPanel + c0), v);
+    _mm_storeu_ps(out + j * kPanel + c0, _mm_min_ps(hiv, _mm_max_ps(lov, v)));
+  };
+  for (; j0 + 4 <= np; j0 += 4) {
+    for (int64_t c0 = 0; c0 < nk4; c0 += 4) {
+      __m128 r0 = _mm_loadu_ps(r + (c0 + 0) * stride + j0), r1 = _mm_loadu_ps(r + (c0 + 1) * stride + j0);
+      __m128 r2 = _mm_loadu_ps(r + (c0 + 2) * stride + j0), r3 = _mm_loadu_ps(r + (c0 + 3) * stride + j0);
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+      put(j0 + 0, c0, r0);
+      put(j0 + 1, c0, r1);
+      put(j0 + 2, c0, r2);
+      put(j0 + 3, c0, r3);
+    }
+    for (int64_t c = nk4; c < nk; ++c)
+      for (int j = j0; j < j0 + 4; ++j) out[j * kPanel + c] = clamp_out(tile[j * kPanel + c] + r[c * stride + j], lo, hi);
+  }
+#endif
+  for (int64_t c = 0; c < nk; ++c)
+    for (int j = j0; j < np; ++j) out[j * kPanel + c] = clamp_out(tile[j * kPanel + c] + r[c * stride + j], lo, hi);
+}
+
 // The whole input x (`total` floats) quantized at once in its own order: long contiguous runs, where small
 // rows would spend their time in the per-row remainder blocks. `slack` bytes after it stay readable.
 const uint8_t* quantize_all(OrtKernelContext* context, QuantizeRowFn quantize_row, const float* x, int64_t total,
@@ -304,29 +338,66 @@ ActQuant dynamic_quant(float lo, float hi) {
   return q;
 }
 
+namespace {
+
+bool attr_float(const OrtApi& api, const OrtKernelInfo* info, const char* name, float* value) {
+  OrtStatus* st = api.KernelInfoGetAttribute_float(info, name, value);
+  if (st != nullptr) {
+    api.ReleaseStatus(st);
+    return false;
+  }
+  return true;
+}
+
+bool attr_string(const OrtApi& api, const OrtKernelInfo* info, const char* name, std::string* value) {
+  size_t len = 0;
+  OrtStatus* st = api.KernelInfoGetAttribute_string(info, name, nullptr, &len);
+  if (st != nullptr) {
+    api.ReleaseStatus(st);
+    return false;
+  }
+  std::string s(len, '\0');
+  Ort::ThrowOnError(api.KernelInfoGetAttribute_string(info, name, &s[0], &len));
+  s.resize(std::strlen(s.c_str()));
+  *value = s;
+  return true;
+}
+
+}  // namespace
+
+ChainAttrs read_chain_attrs(const OrtApi& api, const OrtKernelInfo* info, const char* op) {
+  ChainAttrs c;
+  auto layout = [&](const char* name) {
+    std::string v;
+    if (!attr_string(api, info, name, &v) || v.empty()) return false;
+    if (v != kCodesLayout)
+      throw Error(std::string(op) + ": " + name + " must be \"" + kCodesLayout + "\", got \"" + v + "\"");
+    return true;
+  };
+  c.codes_in = layout("input_layout");
+  c.codes_out = layout("output_layout");
+  float scale = 0.0f;
+  const bool has_scale = attr_float(api, info, "output_scale", &scale);
+  int64_t zp = 0;
+  const bool has_zp = attr_int(api, info, "output_zero_point", &zp);
+  if (!c.codes_out) {
+    if (has_scale || has_zp) throw Error(std::string(op) + ": output_scale / output_zero_point need output_layout");
+    return c;
+  }
+  if (!has_scale) throw Error(std::string(op) + ": output_layout needs output_scale");
+  if (!(scale > 0.0f) || !std::isfinite(scale))
+    throw Error(std::string(op) + ": output_scale must be a finite number > 0, got " + std::to_string(scale));
+  if (zp < 0 || zp > 255)
+    throw Error(std::string(op) + ": output_zero_point must be in [0, 255] (uint8), got " + std::to_string(zp));
+  c.out.scale = scale;
+  c.out.zero_point = static_cast<int32_t>(zp);
+  return c;
+}
+
 ActAttrs read_act_attrs(const OrtApi& api, const OrtKernelInfo* info, const char* op) {
   ActAttrs a;
-  auto get_float = [&](const char* name, float* value) {
-    OrtStatus* st = api.KernelInfoGetAttribute_float(info, name, value);
-    if (st != nullptr) {
-      api.ReleaseStatus(st);
-      return false;
-    }
-    return true;
-  };
-  auto get_string = [&](const char* name, std::string* value) {
-    size_t len = 0;
-    OrtStatus* st = api.KernelInfoGetAttribute_string(info, name, nullptr, &len);
-    if (st != nullptr) {
-      api.ReleaseStatus(st);
-      return false;
-    }
-    std::string s(len, '\0');
-    Ort::ThrowOnError(api.KernelInfoGetAttribute_string(info, name, &s[0], &len));
-    s.resize(std::strlen(s.c_str()));
-    *value = s;
-    return true;
-  };
+  auto get_float = [&](const char* name, float* value) { return attr_float(api, info, name, value); };
+  auto get_string = [&](const char* name, std::string* value) { return attr_string(api, info, name, value); };
   std::string mode;
   const bool has_mode = get_string("act_quant", &mode);
   float scale = 0.0f;
@@ -412,7 +483,7 @@ W2A8Conv::W2A8Conv(const W2A8ConvShape& s, const int8_t* dense) : s_(s), isa_(&w
 
 void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t H, int64_t W, int64_t OH,
                    int64_t OW, const ActQuant& q, const float* alpha, const float* bias, float lo, float hi,
-                   const float* residual, float* y) const {
+                   const float* residual, float* y, const uint8_t* xq, uint8_t* yq, ActQuant yquant) const {
   const W2A8ConvShape& s = s_;
   // Per-call scratch kept per calling thread (no heap allocation once warm).
   // (Lambdas run on pool threads: they see the caller's vectors through the local references.)
@@ -420,6 +491,8 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
   std::vector<float>& mul = mul_tls;
   mul.resize(static_cast<size_t>(s.K));
   for (int64_t k = 0; k < s.K; ++k) mul[k] = alpha[k] * q.scale;
+  if ((xq != nullptr || yq != nullptr) && (depthwise_ || (xq != nullptr && s.group != 1)))
+    throw Error("TernaryConv: uint8 code input/output needs C/group > 1 (and group 1 for the input)");
   if (depthwise_) {
     run_depthwise(context, x, N, H, W, OH, OW, q, mul.data(), bias, lo, hi, residual, y);
     return;
@@ -434,8 +507,9 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
   const uint8_t zb = static_cast<uint8_t>(z);
   const QuantizeRowFn quantize_row = isa_->quantize_row;
 
-  // 0. The whole input quantized at once, in NCHW order (transpose16 reads up to 15 bytes past a row).
-  const uint8_t* qx = quantize_all(context, quantize_row, x, N * C * H * W, inv, z, 16);
+  // 0. The whole input quantized at once, in NCHW order (transpose16 reads up to 15 bytes past a row);
+  // chained: the codes are given, pixel-major with the channels padded as here (group 1).
+  const uint8_t* qx = xq != nullptr ? nullptr : quantize_all(context, quantize_row, x, N * C * H * W, inv, z, 16);
 
   // Padded rows some output reads (a strided conv with a kernel shorter than its stride skips rows; the
   // buffer's other rows are never read and stay unwritten).
@@ -457,6 +531,10 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
     }
     std::memset(row, zb, static_cast<size_t>(s.pl * Cp));
     std::memset(row + (s.pl + W) * Cp, zb, static_cast<size_t>(s.pr * Cp));
+    if (xq != nullptr) {  // chained: the row as it is (G == 1)
+      std::memcpy(row + s.pl * Cp, xq + (n * H + h) * W * Cp, static_cast<size_t>(W * Cp));
+      return;
+    }
     // Interleave the channels of the quantized NCHW input: 16 at a time by a byte transpose. The last,
     // partial block (with the quad padding channels Cg..Cp-1 as zero points) goes first: its wide stores
     // run into the next pixel's first channels, which the full blocks then write. A pixel's wide store
@@ -506,6 +584,10 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
       epi[g * w0.panels + p].set(groups_[g].wsum.data() + p * kPanel, z, mul.data() + g * Kg + p * kPanel,
                                  bias ? bias + g * Kg + p * kPanel : nullptr, nk);
     }
+  // Chained output: codes [N, OH, OW, Ko] (Ko = round4(K)), quantized as the consumer's quantize_row would.
+  const int64_t Ko = round4(s.K);
+  const float yinv = 1.0f / yquant.scale;
+  const int32_t yz = yquant.zero_point;
   auto work = [&](size_t item) {
     const int64_t pg = int64_t(item) % pgroups, r = int64_t(item) / pgroups;
     const int64_t oy = r % OH, ng = r / OH, n = ng / G, g = ng % G;
@@ -514,10 +596,48 @@ void W2A8Conv::run(OrtKernelContext* context, const float* x, int64_t N, int64_t
     alignas(64) int32_t tile[kMaxRun * kPanel];
     alignas(64) float ftile[kMaxRun * kPanel];
     alignas(64) int32_t tile2[kMaxRun * kPanel];
+    alignas(64) uint8_t qtile[kMaxRun * kPanel];
+    alignas(64) float rtile[kMaxRun * kPanel];
     const int64_t p_end = std::min(wg.panels, (pg + 1) * per_item);
     auto store = [&](const int32_t* t, const PanelEpilogue& pe, int64_t p, int64_t ox0, int np) {
       const int64_t nk = std::min<int64_t>(kPanel, Kg - p * kPanel);
       const int64_t at = ((n * s.K + g * Kg + p * kPanel) * OH + oy) * OW + ox0;
+      if (yq != nullptr) {
+        // The output values, pixel-major (with the residual added and clamped as store_channels_residual
+        // does), quantized for the reader; also stored as float NCHW when y is wanted as well.
+        const float* v = ftile;
+        if (residual != nullptr) {
+          epilogue(t, np, pe.zc, pe.mul, pe.add, -kInf, kInf, ftile);
+          add_residual_tile(ftile, np, nk, residual + at, OH * OW, lo, hi, rtile);
+          v = rtile;
+        } else {
+          epilogue(t, np, pe.zc, pe.mul, pe.add, lo, hi, ftile);
+        }
+        quantize_row(v, np * kPanel, yinv, yz, qtile);
+        const int64_t k0 = g * Kg + p * kPanel;
+        const bool last = k0 + nk == s.K;  // the padding channels K..Ko-1 follow: the zero point
+        uint8_t* dst = yq + ((n * OH + oy) * OW + ox0) * Ko + k0;
+        // Bytes of each pixel this panel writes: its channels, and for the last panel the padding channels
+        // K..Ko-1 (set to the zero point here), so m is 16 or, at the end, a multiple of 4 below 16.
+        const int64_t m = last ? Ko - k0 : nk;
+        if (last && m > nk)
+          for (int j = 0; j < np; ++j)
+            for (int64_t c = nk; c < m; ++c) qtile[j * kPanel + c] = static_cast<uint8_t>(yz);
+        if (m == kPanel) {  // fixed-size copies (no library call a pixel)
+          for (int j = 0; j < np; ++j) std::memcpy(dst + j * Ko, qtile + j * kPanel, kPanel);
+        } else if (m >= 8) {  // two overlapping 8-byte copies
+          for (int j = 0; j < np; ++j) {
+            std::memcpy(dst + j * Ko, qtile + j * kPanel, 8);
+            std::memcpy(dst + j * Ko + m - 8, qtile + j * kPanel + m - 8, 8);
+          }
+        } else if (m == 4) {
+          for (int j = 0; j < np; ++j) std::memcpy(dst + j * Ko, qtile + j * kPanel, 4);
+        } else {
+          for (int j = 0; j < np; ++j) std::memcpy(dst + j * Ko, qtile + j * kPanel, static_cast<size_t>(m));
+        }
+        if (y != nullptr) store_channels(v, np, nk, y + at, OH * OW);
+        return;
+      }
       if (residual != nullptr) {  // the clamp after the residual Add
         epilogue(t, np, pe.zc, pe.mul, pe.add, -kInf, kInf, ftile);
         store_channels_residual(ftile, np, nk, residual + at, lo, hi, y + at, OH * OW);

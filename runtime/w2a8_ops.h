@@ -27,6 +27,22 @@ struct ActAttrs {
 
 ActAttrs read_act_attrs(const OrtApi& api, const OrtKernelInfo* info, const char* op);
 
+// int8 chaining (TernaryConv): uint8 codes handed from one W2A8 conv to the next in the layout the consumer
+// reads, so neither converts. The one layout, "nhwc_c4": [N, H, W, round4(C)] uint8, pixel-major, the
+// channels padded to a multiple of 4 (the consumer's quads) with the zero point.
+//   input_layout="nhwc_c4": X is such a tensor, already quantized with this node's act_scale /
+//   act_zero_point (static act_quant, group 1, C/group > 1).
+//   output_layout="nhwc_c4": the node writes its output (after bias, residual, fused activation) as such a
+//   tensor, quantized with output_scale / output_zero_point (the consumer's act_scale / act_zero_point) by
+//   the consumer's own quantize_one, to its optional output 1 (uint8); output 0 (float NCHW) is written as
+//   well when the node has it (other readers: a residual branch, a graph output). C/group > 1.
+constexpr const char* kCodesLayout = "nhwc_c4";
+struct ChainAttrs {
+  bool codes_in = false, codes_out = false;
+  ActQuant out;  // quantization of the output codes
+};
+ChainAttrs read_chain_attrs(const OrtApi& api, const OrtKernelInfo* info, const char* op);
+
 // The fused activation; NaN stays NaN.
 inline float clamp_out(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
@@ -48,9 +64,13 @@ class W2A8Conv {
   W2A8Conv(const W2A8ConvShape& shape, const int8_t* dense);
   // x [N, C, H, W] -> y [N, K, OH, OW] (OH, OW as computed by the caller). residual (nullable): a float
   // tensor of y's shape added after the bias, before the clamp to [lo, hi] (a fused residual Add).
+  // Chaining (not depthwise): xq (instead of x) the input as "nhwc_c4" codes of quantization q (group 1);
+  // yq the output as "nhwc_c4" codes [N, OH, OW, round4(K)] of quantization yquant (y nullable then: the
+  // float output is written too when given).
   void run(OrtKernelContext* context, const float* x, int64_t N, int64_t H, int64_t W, int64_t OH, int64_t OW,
            const ActQuant& q, const float* alpha, const float* bias, float lo, float hi, const float* residual,
-           float* y) const;
+           float* y, const uint8_t* xq = nullptr, uint8_t* yq = nullptr, ActQuant yquant = {}) const;
+  bool depthwise() const { return depthwise_; }
 
  private:
   void run_depthwise(OrtKernelContext* context, const float* x, int64_t N, int64_t H, int64_t W, int64_t OH,

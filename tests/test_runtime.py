@@ -377,6 +377,18 @@ def test_bad_input_gives_ort_error(model, feeds, match):
     expect_ort_error(model, feeds, match)
 
 
+@pytest.mark.parametrize("act", [{}, dict(act_scale=0.05)], ids=["float", "w2a8"])
+def test_conv_uint8_input_needs_input_layout(act):
+    """TernaryConv's X may be uint8 (int8 chaining's codes) as far as onnxruntime's type check goes; without
+    input_layout the kernel refuses it with a clear error."""
+    require_library()
+    rng = np.random.default_rng(12)
+    t = ternary(rng, (4, 8, 3, 3))
+    model = ternary_node_model("TernaryConv", pack_ternary(t), np.ones(4), None, **conv_attrs(t.shape), **act)
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.UINT8
+    expect_ort_error(model, {"X": np.zeros((1, 8, 5, 5), np.uint8)}, "X has the wrong element type")
+
+
 def test_process_survives_errors():
     """After a series of errors the library still computes correct results."""
     require_library()

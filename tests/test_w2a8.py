@@ -299,6 +299,167 @@ def test_float_path_unchanged_without_attributes():
     np.testing.assert_allclose(y, x.astype(np.float64) @ t.T, rtol=1e-5, atol=1e-5)
 
 
+# ---------------------------------------------------------------- int8 chaining
+
+# (n, c, k1, k2, h, w, (kernel, stride, pad) of conv 1, of conv 2): channel counts that are not multiples
+# of 4 (the codes' padding) or 16 (panels), widths that are not multiples of the 8-pixel run, strided and
+# 1x1 convs on either side.
+CHAIN_CASES = [
+    (1, 16, 20, 24, 9, 11, (3, 1, 1), (3, 1, 1)),
+    (2, 5, 7, 33, 13, 17, (3, 2, 1), (1, 1, 0)),
+    (1, 32, 64, 16, 8, 8, (1, 1, 0), (3, 2, 1)),
+    (1, 24, 33, 9, 5, 37, (3, 1, 1), (3, 1, 1)),
+    (1, 8, 44, 12, 6, 10, (3, 1, 1), (1, 1, 0)),
+]
+CHAIN_ACTIVATIONS = [dict(activation="Relu"), dict(activation="Clip", clip_min=0.25, clip_max=2.0), {}]
+CHAIN_Q = (0.025, 5)  # conv 2's input quantization (a non-zero zero point: padding and clamping show)
+
+
+def chain_model(seed: int, case, chained: bool, activation=None, residual: bool = False, first_only: bool = False,
+                first_residual: bool = False, both: bool = False):
+    """conv 1 (float X, fused activation) -> conv 2 (-> Y): float NCHW between them, or chained (conv 1 writes
+    conv 2's codes, output_layout / input_layout). first_only: conv 1 alone, its output (Y1, or the codes Q1)
+    the graph's output. residual / first_residual: conv 2 / conv 1 has input 4 (R / R1). both: conv 1's float
+    output Y1 is a graph output as well (chained: conv 1 writes both). Returns (model, feeds)."""
+    rng = np.random.default_rng(seed)
+    n, c, k1, k2, h, w, (ka, sa, pa), (kb, sb, pb) = case
+    t1, t2 = ternary(rng, (k1, c, ka, ka)), ternary(rng, (k2, k1, kb, kb))
+    s2, z2 = CHAIN_Q
+    inits = [numpy_helper.from_array(v, name) for name, v in (
+        ("P1", pack_ternary(t1)), ("P2", pack_ternary(t2)),
+        ("A1", rng.uniform(0.02, 0.06, k1).astype(np.float32)), ("A2", rng.uniform(0.5, 1.5, k2).astype(np.float32)),
+        ("B1", rng.normal(size=k1).astype(np.float32)), ("B2", rng.normal(size=k2).astype(np.float32)))]
+    mid = "Q1" if chained else "Y1"
+    attrs1 = dict(conv_attrs(t1.shape, (sa, sa), (pa,) * 4), act_scale=0.03, act_zero_point=117,
+                  **(dict(activation="Relu") if activation is None else activation))
+    if chained:
+        attrs1.update(output_layout="nhwc_c4", output_scale=s2, output_zero_point=z2)
+    outs1 = (["Y1", "Q1"] if both else ["", "Q1"]) if chained else ["Y1"]
+    x = rng.normal(size=(n, c, h, w)).astype(np.float32) * 2
+    feeds = {"X": x}
+    oh1, ow1 = (h + 2 * pa - ka) // sa + 1, (w + 2 * pa - ka) // sa + 1
+    oh2, ow2 = (oh1 + 2 * pb - kb) // sb + 1, (ow1 + 2 * pb - kb) // sb + 1
+    inputs = [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, None)]
+    if first_residual:
+        feeds["R1"] = rng.normal(size=(n, k1, oh1, ow1)).astype(np.float32)
+        inputs.append(helper.make_tensor_value_info("R1", onnx.TensorProto.FLOAT, None))
+    nodes = [helper.make_node("TernaryConv", ["X", "P1", "A1", "B1"] + (["R1"] if first_residual else []), outs1,
+                              domain="ocomp", **attrs1)]
+    if first_only:
+        out_type = onnx.TensorProto.UINT8 if chained else onnx.TensorProto.FLOAT
+        outputs = [helper.make_tensor_value_info(mid, out_type, None)]
+    else:
+        attrs2 = dict(conv_attrs(t2.shape, (sb, sb), (pb,) * 4), act_scale=s2, act_zero_point=z2)
+        if chained:
+            attrs2["input_layout"] = "nhwc_c4"
+        extra = ["R"] if residual else []
+        if residual:
+            attrs2["activation"] = "Relu"
+            feeds["R"] = rng.normal(size=(n, k2, oh2, ow2)).astype(np.float32)
+            inputs.append(helper.make_tensor_value_info("R", onnx.TensorProto.FLOAT, None))
+        nodes.append(helper.make_node("TernaryConv", [mid, "P2", "A2", "B2"] + extra, ["Y"], domain="ocomp",
+                                      **attrs2))
+        outputs = [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)]
+        if both:
+            outputs.append(helper.make_tensor_value_info("Y1", onnx.TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "chain", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ocomp", 1)])
+    return model, feeds
+
+
+@pytest.mark.parametrize("activation", CHAIN_ACTIVATIONS, ids=["relu", "clip", "none"])
+@pytest.mark.parametrize("case", CHAIN_CASES, ids=[str(i) for i in range(len(CHAIN_CASES))])
+def test_chained_pair_equals_unchained(case, activation):
+    """A chained pair (conv 1 writes conv 2's uint8 codes, conv 2 reads them) gives bit for bit the outputs of
+    the unchained pair (float NCHW between them, quantized by conv 2), on one thread and two: with and without
+    a residual input on either conv, and with conv 1 writing its float output too (another reader)."""
+    require_library()
+    for variant in (dict(), dict(residual=True), dict(first_residual=True), dict(both=True),
+                    dict(first_residual=True, both=True)):
+        plain, feeds = chain_model(11, case, False, activation, **variant)
+        chained, _ = chain_model(11, case, True, activation, **variant)
+        for threads in (1, 2):
+            got = rt.session(chained, intra_op_num_threads=threads).run(None, feeds)
+            want = rt.session(plain, intra_op_num_threads=threads).run(None, feeds)
+            assert len(got) == len(want) == (2 if variant.get("both") else 1)
+            for a, b in zip(got, want):
+                assert a.dtype == np.float32 and a.shape == b.shape
+                np.testing.assert_array_equal(a, b, err_msg=str(variant))
+
+
+@pytest.mark.parametrize("case", CHAIN_CASES, ids=[str(i) for i in range(len(CHAIN_CASES))])
+def test_chained_codes_are_the_readers_quantization_nhwc(case):
+    """output_layout="nhwc_c4": output 1 is uint8 [N, OH, OW, round4(K)], the float output quantized by the
+    documented rule with output_scale / output_zero_point, pixel-major, the padding channels the zero point."""
+    require_library()
+    activation = dict(activation="Clip", clip_min=0.25, clip_max=2.0)  # padding channels must not be clip_min
+    plain, feeds = chain_model(12, case, False, activation, first_only=True)
+    chained, _ = chain_model(12, case, True, activation, first_only=True)
+    y = run_ternary(plain, feeds)
+    codes = run_ternary(chained, feeds)
+    n, k, oh, ow = y.shape
+    s2, z2 = CHAIN_Q
+    want = np.full((n, oh, ow, (k + 3) // 4 * 4), z2, np.uint8)
+    want[..., :k] = quantize(y, s2, z2).transpose(0, 2, 3, 1)
+    assert codes.dtype == np.uint8 and codes.shape == want.shape
+    np.testing.assert_array_equal(codes, want)
+
+
+def _chain_bad(first: dict, second: dict | None = None, outputs=("", "Q1")):
+    """chain_model's chained pair (case 0) with attributes of conv 1 / conv 2 replaced (None: removed)."""
+    model, feeds = chain_model(13, CHAIN_CASES[0], True)
+    for node, change in zip(model.graph.node, (first, second or {})):
+        keep = [a for a in node.attribute if a.name not in change]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+        node.attribute.extend(helper.make_attribute(k, v) for k, v in change.items() if v is not None)
+    del model.graph.node[0].output[:]
+    model.graph.node[0].output.extend(outputs)
+    if outputs[-1] != "Q1":
+        model.graph.node[1].input[0] = outputs[-1]
+    return model, feeds
+
+
+@pytest.mark.parametrize("first,second,outputs,match", [
+    (dict(output_layout="nchw"), None, ("", "Q1"), 'output_layout must be "nhwc_c4"'),
+    (dict(output_scale=None), None, ("", "Q1"), "output_layout needs output_scale"),
+    (dict(output_scale=-1.0), None, ("", "Q1"), "output_scale must be a finite number > 0"),
+    (dict(output_zero_point=300), None, ("", "Q1"), "output_zero_point must be in [0, 255]"),
+    (dict(output_layout=None), None, ("", "Q1"), "output_scale / output_zero_point need output_layout"),
+    (dict(act_scale=None, act_zero_point=None), None, ("", "Q1"), "need int8 activations"),
+    ({}, dict(act_scale=None, act_zero_point=None, act_quant="dynamic"), ("", "Q1"), "input_layout needs act_quant=static"),
+    ({}, None, ("Q1",), "writes output 1, which the node lacks"),
+    (dict(output_layout=None, output_scale=None, output_zero_point=None), None, ("Y1",), "X (input_layout codes) has the wrong element type"),
+])
+def test_bad_chain_attributes_give_ort_errors(first, second, outputs, match):
+    require_library()
+    model, feeds = _chain_bad(first, second, outputs)
+    expect_ort_error(model, feeds, match)
+
+
+def test_validate_knows_the_chain_attributes():
+    """check_nodes (inspect / compare) accepts a chained pair and refuses what the runtime refuses, plus codes
+    quantized with another scale than the reader's (which the runtime cannot see)."""
+    from ocomp.errors import OcompError
+    from ocomp.validate import check_nodes
+
+    model, _ = chain_model(14, CHAIN_CASES[0], True)
+    check_nodes(model)
+    for first, second, outputs, match in [
+        (dict(output_layout="nchw"), None, ("", "Q1"), 'output_layout must be "nhwc_c4"'),
+        (dict(output_scale=None), None, ("", "Q1"), "output_layout needs output_scale"),
+        (dict(output_layout=None), None, ("", "Q1"), "need output_layout"),
+        ({}, None, ("Q1",), "output_layout writes output 1"),
+        (dict(output_layout=None, output_scale=None, output_zero_point=None), None, ("", "Q1"),
+         "expects one \\(Y; output 1 only with output_layout\\)"),
+        (dict(output_scale=0.5), None, ("", "Q1"), "quantized with output_scale=0.5"),
+        ({}, dict(group=2), ("", "Q1"), "input_layout needs act_quant=static"),
+    ]:
+        broken, _ = _chain_bad(first, second, outputs)
+        with pytest.raises(OcompError, match=match):
+            check_nodes(broken)
+
+
 # ---------------------------------------------------------------- every path against the scalar reference
 
 _PATH_SCRIPT = textwrap.dedent(
@@ -328,6 +489,14 @@ _PATH_SCRIPT = textwrap.dedent(
     for m, kin, n in tw.GEMM_CASES:
         model, x = tw.gemm_model(m, kin, n)
         outs[f"gemm{m}"] = run_ternary(model, {"X": x}, intra_op_num_threads=2)
+    for i, case in enumerate(tw.CHAIN_CASES):
+        for j, act in enumerate(tw.CHAIN_ACTIVATIONS):
+            model, feeds = tw.chain_model(400 + i, case, True, act, residual=j == 0)
+            outs[f"chain{i}_{j}"] = run_ternary(model, feeds)
+            model, feeds = tw.chain_model(400 + i, case, True, act, first_residual=True, both=True)
+            outs[f"chain_both{i}_{j}"], outs[f"chain_both_y1{i}_{j}"] = rt.session(model).run(None, feeds)
+            model, feeds = tw.chain_model(400 + i, case, True, act, first_only=True)
+            outs[f"codes{i}_{j}"] = run_ternary(model, feeds)
     np.savez(sys.argv[2], **outs)
     print(json.dumps({"path": path}))
     """
@@ -569,6 +738,57 @@ def test_residual_fusion_is_exact():
         b = rt.session(plain, intra_op_num_threads=threads).run(None, feeds)
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenetv2"])
+def test_pass_chains_exactly(name):
+    """The chain option: 'on' (the default) hands codes from each TernaryConv whose only reader is a static
+    group-1 TernaryConv and that has no residual input; 'all' also where the float output has other readers
+    (kept as output 0) or the producer adds a residual. The chained model's outputs are bit for bit those of the
+    unchained one (chain=off) on one thread and two; it passes validation and strict shape inference with its
+    value_info; each pair has a report row; model_stats counts the same MACs."""
+    from ocomp.metrics import model_stats
+    from ocomp.validate import check_nodes
+
+    require_library()
+    model = infer_shapes(zoo.build(name, folded=True))
+    calib = dataset_from_arrays(model, {"input": zoo.random_input(model, batch=32, seed=1)["input"]})
+    ternary_model = run_passes(model, ["ternary"], {"ternary": ALL_TERNARY}).model
+    plain = run_passes(ternary_model, ["w2a8"], {"w2a8": {"chain": "off"}}, calibration=calib).model
+    assert not any(a.name == "output_layout" for n in ternary_nodes(plain) for a in n.attribute)
+    feeds = zoo.random_input(model, batch=3, seed=4)
+    counts = {}
+    for mode in ("on", "all"):
+        result = run_passes(ternary_model, ["w2a8"], {"w2a8": {"chain": mode}}, calibration=calib)
+        chained = result.model
+        report = result.reports[0]
+        producers = [n for n in ternary_nodes(chained) if "output_layout" in node_attrs(n)]
+        readers = [n for n in ternary_nodes(chained) if "input_layout" in node_attrs(n)]
+        counts[mode] = report.details["chained"]
+        assert len(producers) == len(readers) == counts[mode]
+        rows = [row for row in report.layers if row.after == "u8 nhwc_c4 codes"]
+        assert sorted(row.name for row in rows) == sorted(n.name for n in producers)
+        by_output = {n.output[1]: n for n in producers}
+        for reader in readers:
+            writer = by_output[reader.input[0]]
+            assert node_attrs(writer)["output_scale"] == node_attrs(reader)["act_scale"]
+            if mode == "on":
+                assert writer.output[0] == "" and len(writer.input) <= 4
+        check_nodes(chained)
+        onnx.shape_inference.infer_shapes(chained, check_type=True, strict_mode=True)
+        codes = {v.name: v for v in chained.graph.value_info}
+        for writer in producers:
+            info = codes[writer.output[1]].type.tensor_type
+            k = node_attrs(writer)["weight_shape"][0]
+            assert info.elem_type == onnx.TensorProto.UINT8 and info.shape.dim[3].dim_value == (k + 3) // 4 * 4
+        assert [la.macs for la in model_stats(chained).layers] == [la.macs for la in model_stats(plain).layers]
+        for threads in (1, 2):
+            a = rt.session(chained, intra_op_num_threads=threads).run(None, feeds)
+            b = rt.session(plain, intra_op_num_threads=threads).run(None, feeds)
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)
+    if name == "resnet":
+        assert 0 < counts["on"] < counts["all"]
 
 
 def test_pass_without_calibration_is_dynamic():
