@@ -642,3 +642,90 @@ def test_descent_lowers_the_ternary_layers_calibration_error() -> None:
     assert fitted[0][first]["descent_sweeps"] == 0 and 1 <= fitted[8][first]["descent_sweeps"] <= 8
     mean = {d: np.mean([f["error_after"] for f in fitted[d].values()]) for d in fitted}
     assert mean[8] < mean[0]
+
+
+def dense_head_model(seed: int = 0) -> onnx.ModelProto:
+    """A tiny detector: Conv 3x3 + Relu, then two 1x1 output heads reaching the graph outputs through Transpose and
+    Reshape only: `scores` (2 logits a position, biased so that ~3% of positions are positive: sparse detection
+    logits) and `boxes` (4 regressors a position, about half positive)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.4, (16, 8, 3, 3)).astype(np.float32)
+    ws = rng.normal(0, 0.5, (2, 16, 1, 1)).astype(np.float32)
+    wb = rng.normal(0, 0.5, (4, 16, 1, 1)).astype(np.float32)
+    x = rng.normal(0, 1, (64, 8, 12, 12)).astype(np.float32)
+    pad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    relu = np.maximum(sum(np.einsum("nchw,oc->nohw", pad[:, :, i:i + 12, j:j + 12], w1[:, :, i, j])
+                          for i in range(3) for j in range(3)), 0)
+    pre = np.einsum("nchw,oc->nohw", relu, ws[:, :, 0, 0])
+    bs = -np.quantile(pre.transpose(1, 0, 2, 3).reshape(2, -1), 0.97, axis=1).astype(np.float32)
+    pre_b = np.einsum("nchw,oc->nohw", relu, wb[:, :, 0, 0])
+    bb = -np.median(pre_b.transpose(1, 0, 2, 3).reshape(4, -1), axis=1).astype(np.float32)
+    inits = [numpy_helper.from_array(v, n) for n, v in [
+        ("w1", w1), ("b1", np.zeros(16, np.float32)), ("ws", ws), ("bs", bs), ("wb", wb), ("bb", bb),
+        ("shape_s", np.array([0, -1, 1], np.int64)), ("shape_b", np.array([0, -1, 4], np.int64))]]
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "ws", "bs"], ["s"], name="score_head"),
+        helper.make_node("Transpose", ["s"], ["st"], name="score_t", perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["st", "shape_s"], ["scores"], name="score_r"),
+        helper.make_node("Conv", ["r1", "wb", "bb"], ["b"], name="box_head"),
+        helper.make_node("Transpose", ["b"], ["bt"], name="box_t", perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["bt", "shape_b"], ["boxes"], name="box_r"),
+    ]
+    graph = helper.make_graph(nodes, "dense_heads", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                    ["N", 8, 12, 12])],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("boxes", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return infer_shapes(model)
+
+
+def test_output_heads_are_found_through_shape_ops_only() -> None:
+    from ocomp.passes.reconstruct import output_heads
+
+    graph = gs.import_onnx(dense_head_model())
+    assert {n.name for n in graph.nodes if id(n) in output_heads(graph)} == {"score_head", "box_head"}
+    graph = gs.import_onnx(infer_shapes(zoo.build("tiny_conv")))  # Conv -> Relu -> output: not a head
+    assert not output_heads(graph)
+
+
+def test_dense_head_logits_are_refitted_with_rows_weighted_by_the_original_score() -> None:
+    reference = dense_head_model()
+    model = onnx.ModelProto()
+    model.CopyFrom(reference)
+    w1 = next(i for i in model.graph.initializer if i.name == "w1")
+    rng = np.random.default_rng(5)
+    w = numpy_helper.to_array(w1)
+    w1.CopyFrom(numpy_helper.from_array((w * rng.uniform(0.6, 1.4, (16, 1, 1, 1)) + rng.normal(0, 0.15, w.shape))
+                                        .astype(np.float32), "w1"))  # a damaged backbone (as after ternary)
+    rng_x = np.random.default_rng(11)
+    calib = rng_x.normal(0, 1, (96, 8, 12, 12)).astype(np.float32)
+    held = rng_x.normal(0, 1, (96, 8, 12, 12)).astype(np.float32)
+    results = {on: run_passes(model, ["bnrecal"], {"bnrecal": {"heads": on}}, calibration=
+                              dataset_from_arrays(model, calib), reference=reference) for on in (True, False)}
+    fitted = results[True].reports[-1].details["reconstructed"]
+    assert fitted["score_head"]["head"] and fitted["score_head"]["channels"] == [0, 1]
+    assert "box_head" not in fitted  # regressors (half positive) are left to bias correction
+    assert not results[False].reports[-1].details.get("reconstructed")
+    want = session(reference).run(["scores", "boxes"], {"input": held})
+    got = {on: session(r.model).run(["scores", "boxes"], {"input": held}) for on, r in results.items()}
+    positive = want[0] > 0  # the rows a decision rests on
+    err = {on: float(np.mean((g[0][positive] - want[0][positive]) ** 2)) for on, g in got.items()}
+    assert err[True] < 0.5 * err[False], err
+    np.testing.assert_array_equal(got[True][1], got[False][1])  # the box head: bias-corrected the same way
+
+
+def test_a_per_sample_output_head_is_not_refitted() -> None:
+    """A classifier (one row a sample) reaching the output directly: every row is a decision; heads on changes
+    nothing."""
+    reference = infer_shapes(zoo.build("flatten_gemm", folded=True))
+    model = perturbed(reference)
+    data = calibration(reference, n=16)
+    models = [run_passes(model, ["bnrecal"], {"bnrecal": {"heads": on}}, calibration=data,
+                         reference=reference).model for on in (True, False)]
+    for a, b in zip(models[0].graph.initializer, models[1].graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
