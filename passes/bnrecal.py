@@ -17,6 +17,7 @@ calibration set, segment by segment, in topological order; at each layer the swe
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -108,6 +109,8 @@ class BNRecal(Pass):
                 target = steps.target.get(id(node))
                 if fit is not None and fit.head:  # bias correction first; the weighted re-fit starts from it
                     x, y = current.get([fit.x])[fit.x], original.get([fit.y])[fit.y]
+                    if fit.plain:  # input channels pruned: first the plain re-fit of every channel
+                        _reconstruct(graph, dataclasses.replace(fit, head=False), current, original, report)
                     if target is not None:
                         _correct(graph, target, current, original, kept, ctx.options["match_std"], report)
                     _reconstruct_head(graph, fit, x, y, current.calibration.bounds, report)

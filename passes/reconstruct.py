@@ -28,8 +28,9 @@ positives to 69%. So each channel of a dense head that looks like a detection lo
 SPARSE_POSITIVE of the calibration positions, on some) is re-fitted on its own, rows weighted by how much
 they matter in the original, w = sigmoid(LOGIT_SHARPNESS y) + LOGIT_FLOOR: X^T W X and X^T W y
 (`WeightedEquations`; y clipped below at -LOGIT_CLIP, where the sigmoid is flat), pulled by the ridge towards
-the bias-corrected weights. Other channels (regressors) are left to bias correction; pruned or ternary heads
-get the plain re-fit above.
+the bias-corrected weights. Other channels (regressors) are left to bias correction. A head whose input
+channels were pruned is re-fitted plainly first (every channel), then bias-corrected, then weighted; a
+ternary head gets the plain re-fit only.
 
 Precision: each batch's X^T X and X^T Y are products of float32 rows (BLAS sgemm, relative error ~1e-7 per
 batch), summed across batches in float64, where the solve and the error figures need the range.
@@ -264,6 +265,7 @@ class Fit:
     depthwise: bool = False  # a depthwise conv: one least-squares system a channel (ChannelEquations)
     head: bool = False  # a float dense output head: its sparse logit channels re-fitted with row weights
     channels: np.ndarray | None = None  # a head's channels re-fitted (chosen on the data)
+    plain: bool = False  # a head: also the plain re-fit of every channel first (its input channels were pruned)
 
     def equations(self) -> Equations | ChannelEquations | WeightedEquations:
         if self.head:
@@ -546,17 +548,17 @@ def fits(graph: gs.Graph, ref_graph: gs.Graph, kept_channels: dict, report: Repo
         pruned = node.inputs[0].name in kept_channels
         if usable:
             pruned = pruned or layer.in_channels < ref.in_channels
-        head = (not (pruned or layer.ternary) and id(node) in head_ids and not layer.depthwise
+        head = (not layer.ternary and id(node) in head_ids and not layer.depthwise
                 and _dense(node.outputs[0], layer))
         if not (pruned or layer.ternary or head):
             continue
-        why = "output head" if head else "ternary op" if layer.ternary and not pruned else "input channels pruned"
+        why = ("input channels pruned" if pruned else "output head" if head else "ternary op")
         reason = _blocker(graph, layer, ref if usable else None)
         if reason:
             report.skip(node.name, node.op, f"{why}, not reconstructed: {reason}")
             continue
         fit = Fit(layer, node.inputs[0].name, node.outputs[0].name, None, "own", error_feedback=error_feedback,
-                  descent=descent, depthwise=layer.depthwise, head=head)
+                  descent=descent, depthwise=layer.depthwise, head=head, plain=pruned)
         if layer.kind.float_op == "Conv":
             try:
                 fit.conv = layer.conv_attrs()

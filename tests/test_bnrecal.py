@@ -729,3 +729,23 @@ def test_a_per_sample_output_head_is_not_refitted() -> None:
                          reference=reference).model for on in (True, False)]
     for a, b in zip(models[0].graph.initializer, models[1].graph.initializer):
         np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+def test_a_pruned_dense_head_is_refitted_plainly_then_its_logits_weighted() -> None:
+    reference = dense_head_model()
+    rng_x = np.random.default_rng(11)
+    calib = rng_x.normal(0, 1, (96, 8, 12, 12)).astype(np.float32)
+    held = rng_x.normal(0, 1, (96, 8, 12, 12)).astype(np.float32)
+    results = {on: run_passes(reference, ["prune", "bnrecal"], {"prune": {"ratio": 0.4, "multiple": 1},
+                                                                 "bnrecal": {"heads": on}},
+                              calibration=dataset_from_arrays(reference, calib), reference=reference,
+                              kept_channels=KeptChannels()) for on in (True, False)}
+    fitted = results[True].reports[-1].details["reconstructed"]
+    assert fitted["score_head"].get("head") and fitted["score_head"]["channels"] == [0, 1]
+    assert "box_head" in fitted and not fitted["box_head"].get("head")  # the plain re-fit only
+    assert not results[False].reports[-1].details["reconstructed"]["score_head"].get("head")
+    want = session(reference).run(["scores"], {"input": held})[0]
+    positive = want > 0
+    err = {on: float(np.mean((session(r.model).run(["scores"], {"input": held})[0][positive] - want[positive]) ** 2))
+           for on, r in results.items()}
+    assert err[True] < 0.7 * err[False], err
