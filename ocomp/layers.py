@@ -434,7 +434,8 @@ class Layer:
 
     @property
     def name(self) -> str:
-        return self.node.name or self.node.outputs[0].name
+        # an unnamed node by its first named output (a chained TernaryConv may leave output 0 empty)
+        return self.node.name or next((t.name for t in self.node.outputs if t.name), "")
 
     @property
     def op(self) -> str:
